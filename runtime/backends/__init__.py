@@ -1,0 +1,1 @@
+"""Backends that evaluate the ε-network: ONNX Runtime and TensorRT."""

@@ -1,0 +1,5 @@
+"""`python -m runtime ...`: see runtime/cli.py."""
+
+from .cli import main
+
+main()

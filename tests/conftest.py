@@ -1,0 +1,60 @@
+"""Shared fixtures: small real networks exported by the real export code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def tiny_model_config():
+    from training.config import ModelConfig
+
+    # Every block type of the paper's U-Net (res, attention, down, up) at the smallest size.
+    return ModelConfig(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                       attn_resolutions=(4,), dropout=0.0, num_groups=8)
+
+
+def randomized_unet(config, seed: int = 0, scale: float = 0.05):
+    """A UNet with every weight random: the reference zero-initialises the last layers,
+    which would make eps identically 0 and every parity check vacuous."""
+    import torch
+
+    from training.unet import UNet
+
+    torch.manual_seed(seed)
+    model = UNet(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def export_model(model, path: Path, *, num_timesteps: int = 1000, num_levels: int = 17,
+                 **record_overrides) -> Path:
+    """Write ``model`` as an ONNX file with a ``ddpm`` record, through the export code."""
+    from export.onnx_export import count_flops, to_onnx_bytes, write_atomic
+    from runtime.metadata import ModelRecord
+    from runtime.schedule import Schedule
+
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    fields = dict(
+        schedule=Schedule.linear(num_timesteps).config, image_shape=shape,
+        data_range=(-1.0, 1.0), num_levels=num_levels, model_config=cfg.to_dict(),
+        checkpoint_sha256="0" * 64, weights="ema", train_step=0,
+        flops_per_image=count_flops(model, shape),
+    )
+    fields.update(record_overrides)
+    write_atomic(to_onnx_bytes(model, ModelRecord(**fields)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return randomized_unet(tiny_model_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
+    return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")

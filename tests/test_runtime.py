@@ -1,0 +1,226 @@
+"""runtime.load(...).sample(...) on real ONNX files written by the export code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import runtime
+from runtime.errors import BackendUnavailableError, ModelFileError, NonFiniteError
+from runtime.images import make_grid, to_uint8
+from runtime.metadata import METADATA_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rewrite_record(src: Path, dst: Path, edit) -> Path:
+    """Copy an ONNX file with its ddpm record changed by ``edit(dict) -> dict | None``."""
+    proto = onnx.load(str(src))
+    record = json.loads(next(p.value for p in proto.metadata_props if p.key == METADATA_KEY))
+    new = edit(record)
+    del proto.metadata_props[:]
+    if new is not None:
+        entry = proto.metadata_props.add()
+        entry.key = METADATA_KEY
+        entry.value = new if isinstance(new, str) else json.dumps(new)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_load_reads_the_record(tiny_onnx):
+    with runtime.load(tiny_onnx) as pipe:
+        assert pipe.image_shape == (1, 8, 8)
+        assert pipe.record.num_levels == 17 and pipe.record.weights == "ema"
+        assert pipe.schedule.num_timesteps == 1000
+        assert pipe.backend_name == "onnxruntime:CPUExecutionProvider"
+        assert pipe.record.flops_per_image > 0
+
+
+def test_sample_shapes_types_and_range(tiny_onnx):
+    with runtime.load(tiny_onnx, threads=1) as pipe:
+        images = pipe.sample(3, seed=1, steps=5, progress=False)
+        floats = pipe.sample_float(3, seed=1, steps=5, progress=False)
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    assert floats.shape == (3, 1, 8, 8) and floats.dtype == np.float32
+    # The last step's x0 is clipped to the data range and the posterior mean stays inside it.
+    assert floats.min() >= -1.0 - 1e-6 and floats.max() <= 1.0 + 1e-6
+    np.testing.assert_array_equal(images, to_uint8(floats))
+
+
+@pytest.mark.parametrize("sampler, kwargs", [("ddpm", {"variance": "fixedsmall"}),
+                                             ("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0})])
+def test_image_k_does_not_depend_on_batching(tiny_onnx, sampler, kwargs):
+    with runtime.load(tiny_onnx) as pipe:
+        common = dict(seed=7, sampler=sampler, steps=4, progress=False, **kwargs)
+        whole = pipe.sample_float(5, batch_size=5, **common)
+        split = pipe.sample_float(5, batch_size=2, **common)
+        first = pipe.sample_float(2, **common)
+    np.testing.assert_array_equal(whole, split)
+    np.testing.assert_array_equal(whole[:2], first)
+    assert not np.array_equal(whole[0], whole[1])
+
+
+def test_ddim_eta0_is_deterministic_and_seeded(tiny_onnx):
+    with runtime.load(tiny_onnx) as pipe:
+        a = pipe.sample_float(2, seed=3, sampler="ddim", steps=3, progress=False)
+        b = pipe.sample_float(2, seed=3, sampler="ddim", steps=3, progress=False)
+        c = pipe.sample_float(2, seed=4, sampler="ddim", steps=3, progress=False)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_backend_checks_inputs(tiny_onnx):
+    from runtime.backends.ort import OrtBackend
+
+    with OrtBackend(tiny_onnx) as backend:
+        x = np.zeros((2, 1, 8, 8), np.float32)
+        assert backend(x, np.zeros(2, np.float32)).shape == (2, 1, 8, 8)
+        with pytest.raises(ValueError, match="x must be float32"):
+            backend(x.astype(np.float64), np.zeros(2, np.float32))
+        with pytest.raises(ValueError, match="x must be float32"):
+            backend(np.zeros((2, 1, 4, 4), np.float32), np.zeros(2, np.float32))
+        with pytest.raises(ValueError, match="t must be float32"):
+            backend(x, np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: None, "no 'ddpm' metadata"),
+    (lambda r: "{not json", "not valid JSON"),
+    (lambda r: {**r, "format_version": 99}, "unknown 'ddpm' format version 99"),
+    (lambda r: {k: v for k, v in r.items() if k != "num_levels"}, "lacks"),
+    (lambda r: {**r, "image_shape": [3, 8, 8]}, "metadata says"),
+    (lambda r: {**r, "prediction": "v"}, "not supported"),
+    (lambda r: {**r, "schedule": {"kind": "quadratic"}}, "invalid schedule"),
+])
+def test_bad_model_files_are_refused(tiny_onnx, tmp_path, edit, match):
+    bad = _rewrite_record(tiny_onnx, tmp_path / "bad.onnx", edit)
+    with pytest.raises(ModelFileError, match=match) as info:
+        runtime.load(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_and_garbage_files(tmp_path):
+    with pytest.raises(ModelFileError, match="no such model file"):
+        runtime.load(tmp_path / "absent.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not an onnx file" * 10)
+    with pytest.raises(ModelFileError, match="cannot load"):
+        runtime.load(garbage)
+
+
+def test_explicit_provider_that_is_missing_is_an_error(tiny_onnx):
+    from runtime.backends.ort import available_providers
+
+    if "CUDAExecutionProvider" in available_providers():
+        pytest.skip("onnxruntime-gpu is installed: the CUDA provider exists here")
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        runtime.load(tiny_onnx, device="cuda")
+
+
+def test_engine_without_tensorrt_or_sidecar_names_the_problem(tmp_path):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"engine")
+    with pytest.raises(ModelFileError, match="sidecar|json"):
+        runtime.load(engine)
+
+
+def _nan_model(path: Path, record: dict) -> Path:
+    """An ONNX file honouring the contract whose eps is NaN once t < 500."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    t = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"])
+    eps = helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    nodes = [
+        helper.make_node("Constant", [], ["half"], value=helper.make_tensor(
+            "half", TensorProto.FLOAT, [], [500.0])),
+        # log(t - 500) is NaN for t < 500; reshape it to broadcast over the image.
+        helper.make_node("Sub", ["t", "half"], ["shifted"]),
+        helper.make_node("Log", ["shifted"], ["logt"]),
+        helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
+            "shape", TensorProto.INT64, [4], [-1, 1, 1, 1])),
+        helper.make_node("Reshape", ["logt", "shape"], ["logt4"]),
+        helper.make_node("Mul", ["x", "logt4"], ["scaled"]),
+        helper.make_node("Mul", ["scaled", "half"], ["big"]),
+        helper.make_node("Sub", ["big", "big"], ["zero_or_nan"]),
+        helper.make_node("Add", ["x", "zero_or_nan"], ["eps"]),
+    ]
+    graph = helper.make_graph(nodes, "nan", [x, t], [eps])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(record)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_nan_output_stops_with_the_step(tiny_onnx, tmp_path):
+    record = json.loads(next(p.value for p in onnx.load(str(tiny_onnx)).metadata_props))
+    path = _nan_model(tmp_path / "nan.onnx", record)
+    with runtime.load(path) as pipe, pytest.raises(NonFiniteError, match=r"step t=\d+"):
+        pipe.sample(2, steps=10, progress=False)
+
+
+def test_grid_upscales_tiny_images():
+    images = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8, 1)
+    grid = make_grid(images, pad=1)
+    assert grid.shape == (1 + 64 + 1, 1 + 2 * (64 + 1), 1)
+    # Nearest neighbour: each source pixel becomes an 8x8 block of the same value.
+    np.testing.assert_array_equal(grid[1:9, 1:9, 0], images[0, 0, 0, 0])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True,
+                          text=True, cwd=cwd or REPO)
+
+
+def test_cli_sample_writes_png_npz_and_each(tiny_onnx, tmp_path):
+    from PIL import Image
+
+    out = _cli("sample", str(tiny_onnx), "-n", "5", "--steps", "4", "--seed", "2",
+               "-o", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "s.npz"),
+               "--each", str(tmp_path / "each"), "--batch-size", "2")
+    assert out.returncode == 0, out.stderr
+    assert "5 images, ddpm 4 steps" in out.stdout and "images/s" in out.stdout
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[0] >= 3 * 64 and grid.mode == "L"
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    assert len(list((tmp_path / "each").glob("*.png"))) == 5
+    with runtime.load(tiny_onnx) as pipe:
+        np.testing.assert_array_equal(images, pipe.sample(5, 2, steps=4, progress=False))
+
+
+def test_cli_info(tiny_onnx):
+    out = _cli("info", str(tiny_onnx))
+    assert out.returncode == 0, out.stderr
+    assert "input: x tensor(float) ['batch', 1, 8, 8]" in out.stdout
+    assert "CPUExecutionProvider" in out.stdout
+    assert '"num_levels": 17' in out.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = _cli("sample", str(tmp_path / "absent.onnx"))
+    assert out.returncode == 1
+    assert "no such model file" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    bad = _cli("sample", str(tmp_path / "absent.onnx"), "--sampler", "euler")
+    assert bad.returncode == 2 and "euler" in bad.stderr
+
+
+def test_sampling_an_onnx_file_never_imports_torch(tiny_onnx):
+    code = (
+        "import sys, runtime\n"
+        f"images = runtime.load({str(tiny_onnx)!r}).sample(2, seed=0, steps=3, progress=False)\n"
+        "assert images.shape == (2, 8, 8, 1), images.shape\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

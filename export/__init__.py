@@ -1,0 +1,1 @@
+"""Checkpoint -> verified ONNX file with metadata -> TensorRT engine with a sidecar."""

@@ -1,0 +1,183 @@
+"""Checkpoint -> self-describing ONNX file, verified against the torch model.
+
+Exporter: torch.onnx's TorchScript exporter (``dynamo=False``) at opset 17.
+- Opset 17 keeps GroupNorm as Reshape + InstanceNormalization + Mul/Add, the form
+  TensorRT 10 parses natively; opset 18's GroupNormalization op changed meaning in
+  opset 21 and TensorRT has mishandled it (TensorRT issues #3956, #4756), so we avoid it.
+- The TorchScript exporter gives a plain graph of standard ops with stable node names:
+  exporting one checkpoint twice yields identical bytes (tested).
+Attention is MatMul + Softmax in the network itself; no fused op the parsers lack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.metadata import METADATA_KEY, ModelRecord
+
+OPSET = 17
+# fp32 torch vs ONNX Runtime: the same math with different kernel orderings. On the
+# presets we measure ~1e-7..1e-6 of the output's scale; 1e-4 leaves room for deeper
+# networks and other CPUs while any real mismatch (a wrong weight, op or layout) is
+# orders of magnitude larger.
+DEFAULT_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Export could not produce a verified model file."""
+
+
+@dataclass(frozen=True)
+class Verification:
+    max_abs: float      # max |onnx - torch| over all checked outputs
+    max_rel: float      # max_abs / max |torch|: error relative to the output's scale
+    tolerance: float
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAILED"
+        return (f"verification {verdict}: max abs diff {self.max_abs:.3e}, max rel diff "
+                f"{self.max_rel:.3e} (tolerance {self.tolerance:.0e}), batch sizes "
+                f"{list(self.batch_sizes)}")
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_flops(model: torch.nn.Module, image_shape) -> int:
+    """FLOPs of one ε evaluation at batch 1 (torch's counter: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *image_shape)
+    t = torch.zeros(1)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return int(counter.get_total_flops())
+
+
+def make_record(ckpt: dict, *, sha256: str, weights: str, flops: int) -> ModelRecord:
+    import onnx
+
+    data = ckpt["data"]
+    return ModelRecord(
+        schedule=dict(ckpt["schedule"]),
+        image_shape=tuple(int(v) for v in data["image_shape"]),
+        data_range=tuple(float(v) for v in data["data_range"]),
+        num_levels=int(data["num_levels"]),
+        model_config=dict(ckpt["model_config"]),
+        checkpoint_sha256=sha256,
+        weights=weights,
+        train_step=int(ckpt["step"]),
+        flops_per_image=flops,
+        exporter={"tool": "torch.onnx (TorchScript)", "torch": torch.__version__,
+                  "onnx": onnx.__version__, "opset": OPSET},
+    )
+
+
+def to_onnx_bytes(model: torch.nn.Module, record: ModelRecord) -> bytes:
+    """Trace ``model`` (eval mode) to ONNX with the DESIGN.md contract and the metadata."""
+    import onnx
+
+    c, h, w = record.image_shape
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, record.num_timesteps - 1.0])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation on every call.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (x, t), buffer, dynamo=False, opset_version=OPSET,
+            input_names=["x", "t"], output_names=["eps"],
+            dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, record.to_json()
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def write_atomic(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify_onnx(model: torch.nn.Module, onnx_path, *, batch_sizes=(1, 5),
+                tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> Verification:
+    """Run the file in ONNX Runtime (CPU) and the torch model on the same random inputs.
+
+    Timesteps are spread over [0, T) so every part of the embedding is exercised.
+    """
+    from runtime.backends.ort import OrtBackend
+
+    rng = np.random.default_rng(seed)
+    max_abs, max_rel = 0.0, 0.0
+    with OrtBackend(onnx_path, device="cpu") as backend:
+        c, h, w = backend.image_shape
+        T = backend.record.num_timesteps
+        for b in batch_sizes:
+            x = rng.standard_normal((b, c, h, w), dtype=np.float32)
+            t = np.linspace(0, T - 1, b).round().astype(np.float32)
+            got = backend(x, t)
+            with torch.inference_mode():
+                want = model(torch.from_numpy(x), torch.from_numpy(t)).numpy()
+            diff = float(np.max(np.abs(got.astype(np.float64) - want)))
+            scale = float(np.max(np.abs(want)))
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else np.inf))
+    return Verification(max_abs, max_rel, tolerance, tuple(batch_sizes))
+
+
+def unverified_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.unverified{path.suffix}")
+
+
+def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
+                      tolerance: float = DEFAULT_TOLERANCE,
+                      batch_sizes=(1, 5)) -> tuple[Path, ModelRecord, Verification]:
+    """Checkpoint -> ONNX file with metadata, verified against torch.
+
+    On a failed verification the file is kept, renamed ``*.unverified.onnx``, and
+    :class:`ExportError` says so: a user never picks up an unverified model by accident.
+    """
+    from training.checkpoint import build_model, load_checkpoint
+
+    ckpt_path, out_path = Path(ckpt_path), Path(out_path)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_model(ckpt, weights=weights)
+    flops = count_flops(model, ckpt["data"]["image_shape"])
+    record = make_record(ckpt, sha256=sha256_file(ckpt_path), weights=weights, flops=flops)
+    write_atomic(to_onnx_bytes(model, record), out_path)
+    check = verify_onnx(model, out_path, batch_sizes=batch_sizes, tolerance=tolerance)
+    if not check.ok:
+        bad = unverified_path(out_path)
+        os.replace(out_path, bad)
+        raise ExportError(f"{bad}: ONNX output differs from torch ({check}); the file is kept "
+                          "for inspection but must not be deployed")
+    return out_path, record, check

@@ -1,0 +1,52 @@
+"""`python export/to_onnx.py CKPT [-o model.onnx]`: a verified, self-describing ONNX file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+
+
+def export_options(fn):
+    """Options shared with to_trt.py."""
+    fn = click.option("--raw-weights", is_flag=True,
+                      help="export the trained weights instead of their EMA")(fn)
+    fn = click.option("--tolerance", type=click.FloatRange(min=0.0), default=None,
+                      help="max |onnx - torch| / max |torch| accepted (default 1e-4)")(fn)
+    return fn
+
+
+def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float | None) -> Path:
+    """Export and print the verification; one-line errors become click errors."""
+    from export.onnx_export import DEFAULT_TOLERANCE, ExportError, export_checkpoint
+    from training.checkpoint import CheckpointError
+
+    try:
+        path, record, check = export_checkpoint(
+            checkpoint, out, weights="raw" if raw_weights else "ema",
+            tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    except (CheckpointError, ExportError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {path} ({record.weights} weights of step {record.train_step}, "
+               f"{record.flops_per_image / 1e6:.1f} MFLOP per image)")
+    click.echo(str(check))
+    return path
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX file to write (default: model.onnx beside the checkpoint)")
+@export_options
+def main(checkpoint: Path, out: Path | None, raw_weights: bool, tolerance: float | None):
+    """Export CHECKPOINT's network to ONNX, with the metadata the runtime needs,
+    and verify it against PyTorch in ONNX Runtime."""
+    run_export(checkpoint, out or checkpoint.with_name("model.onnx"), raw_weights, tolerance)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Model and training configurations, and the presets the paper (and this repo) use.
+
+Both dataclasses are written into every checkpoint as plain dicts (``to_dict``), so a
+checkpoint alone rebuilds the network and the run (``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.schedule import Schedule
+
+SCHEDULE_KINDS = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The paper's U-Net (Ho et al. 2020, appendix B), sized by a handful of numbers."""
+
+    image_size: int  # height = width of the images; divisible by 2 ** (len(ch_mult) - 1)
+    in_channels: int  # 1 for grey-scale digits, 3 for RGB; the output has as many
+    ch: int  # base width; level i has ch * ch_mult[i] channels, the time embedding 4 * ch
+    ch_mult: tuple[int, ...]  # one multiplier per resolution; each further level halves H, W
+    num_res_blocks: int  # residual blocks per level going down (the up path has one more)
+    attn_resolutions: tuple[int, ...]  # feature-map sizes (e.g. 16) that get self-attention
+    dropout: float  # in every residual block, between its two convolutions
+    num_groups: int = 32  # GroupNorm groups, the paper's 32; must divide every width
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
+        for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ModelConfig.ch_mult must be positive integers, got {self.ch_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size {self.image_size} cannot be halved {len(self.ch_mult) - 1} times "
+                f"(ch_mult {self.ch_mult}); use a multiple of {factor}"
+            )
+        for width in {self.ch * m for m in self.ch_mult}:
+            if width % self.num_groups:
+                raise ValueError(
+                    f"num_groups {self.num_groups} does not divide width {width} "
+                    f"(ch {self.ch} x ch_mult {self.ch_mult})"
+                )
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size at each level, e.g. (32, 16, 8, 4) for CIFAR-10."""
+        return tuple(self.image_size // 2**i for i in range(len(self.ch_mult)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**_known_fields(cls, d))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's training recipe; the defaults are its CIFAR-10 run."""
+
+    lr: float = 2e-4  # Adam step size after warmup (the paper's CIFAR-10 value)
+    warmup: int = 5000  # steps of linear learning-rate warmup from 0
+    batch_size: int = 128  # global batch; split evenly over DDP ranks
+    steps: int = 800_000  # total optimizer steps of the run (the paper's CIFAR-10 length)
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    ema_decay: float = 0.9999  # EMA of the weights used for sampling
+    ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)): useful EMA early
+    hflip: bool = False  # random horizontal flips (only for mirror-symmetric data)
+    sample_every: int = 10_000  # steps between PNG grids of EMA samples (0: only at the end)
+    save_every: int = 5000  # steps between checkpoints (always one at the end)
+    log_every: int = 100  # steps between log.jsonl records
+    seed: int = 0  # seeds data order, noise, t and dropout; rank r uses its own stream
+    schedule_kind: str = "linear"  # beta schedule: "linear" (the paper's) or "cosine"
+    num_timesteps: int = 1000  # T
+    beta_start: float = 1e-4  # beta_1 of the linear schedule
+    beta_end: float = 0.02  # beta_T of the linear schedule
+    preview_count: int = 64  # images per preview grid
+    preview_steps: int = 100  # respaced ancestral steps for previews (speed, not quality)
+
+    def __post_init__(self):
+        for name in ("warmup", "sample_every", "save_every", "seed"):
+            if _bad_int(getattr(self, name), minimum=0):
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("batch_size", "steps", "log_every", "num_timesteps", "preview_count",
+                     "preview_steps"):
+            if _bad_int(getattr(self, name), minimum=1):
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, "
+                                 f"got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.schedule_kind not in SCHEDULE_KINDS:
+            raise ValueError(f"TrainConfig.schedule_kind must be one of {SCHEDULE_KINDS}, "
+                             f"got {self.schedule_kind!r}")
+        if self.preview_steps > self.num_timesteps:
+            raise ValueError("TrainConfig.preview_steps cannot exceed num_timesteps")
+
+    def schedule(self) -> Schedule:
+        """The runtime's numpy schedule: the one source of the diffusion math."""
+        if self.schedule_kind == "linear":
+            return Schedule.linear(self.num_timesteps, beta_start=self.beta_start,
+                                   beta_end=self.beta_end)
+        return Schedule.cosine(self.num_timesteps)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**_known_fields(cls, d))
+
+
+def _bad_int(value, *, minimum: int) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or value < minimum
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return dict(d)
+
+
+# === Presets ===
+
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    # scikit-learn's 8x8 digits, sized for `python training/train.py` on a 2-core CPU.
+    # Measured there (batch 128, fwd+bwd+Adam): ch 32 with two levels (8x8, 4x4) runs
+    # ~6 steps/s, twice the speed of three levels (8, 4, 2) and 3-4x that of ch 64, and
+    # a 4x4 map with attention already sees the whole digit. Dropout costs ~8% of a step
+    # and the short run does not overfit, so it is off. lr 1e-3 (5x the paper's, fine for
+    # a 1M-parameter net with clipping) and EMA 0.999 suit a run of a few thousand steps.
+    "digits": (
+        ModelConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2,
+                    attn_resolutions=(4,), dropout=0.0, num_groups=8),
+        TrainConfig(lr=1e-3, warmup=200, batch_size=128, steps=5000, ema_decay=0.999,
+                    hflip=False, sample_every=1000, save_every=1000, log_every=50),
+    ),
+    # The paper's CIFAR-10 model: 35.7M parameters.
+    "cifar10": (
+        ModelConfig(image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attn_resolutions=(16,), dropout=0.1),
+        TrainConfig(hflip=True),
+    ),
+    # The paper's 256x256 model (CelebA-HQ, LSUN): lr 2e-5 and batch 64 per its appendix B.
+    "celebahq256": (
+        ModelConfig(image_size=256, in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4),
+                    num_res_blocks=2, attn_resolutions=(16,), dropout=0.0),
+        TrainConfig(lr=2e-5, batch_size=64, steps=500_000, hflip=True),
+    ),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, training) configuration of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,40 @@
+"""Exponential moving average of the weights: the network the paper samples from."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """ema <- decay_n * ema + (1 - decay_n) * weights after every optimizer step.
+
+    With ``warmup`` the decay ramps as min(decay, (1 + n) / (10 + n)) (TensorFlow's
+    num_updates rule), so a short run's EMA is not dominated by the random init.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, num_updates: int) -> float:
+        if self.warmup:
+            return min(self.decay, (1.0 + num_updates) / (10.0 + num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, num_updates: int) -> None:
+        weight = 1.0 - self.decay_at(num_updates)
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), weight)
+        for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)

@@ -1,0 +1,136 @@
+"""Train the DDPM epsilon-network: `python training/train.py` (digits, CPU, ~15 minutes).
+
+Multi-GPU / multi-node: `torchrun --nproc_per_node N training/train.py --preset cifar10 ...`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+if not __package__:
+    # Run as a file (`python training/train.py`): make `training` and `runtime` importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+
+from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from training.config import PRESETS, ModelConfig, TrainConfig, preset  # noqa: E402
+from training.data import DatasetError, load_dataset  # noqa: E402
+from training.distributed import DeviceError, dist_info_from_env  # noqa: E402
+from training.trainer import CKPT_NAME, LOG_NAME, train  # noqa: E402
+
+# Options a resumed run takes from its checkpoint; giving a different value is an error.
+FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
+
+
+def _check_device(ctx, param, value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"],
+                                 "show_default": True})
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="digits",
+              help="Model size and training recipe.")
+@click.option("--data", default=None,
+              help="'digits', an .npz with an 'images' uint8 array, a folder of PNG/JPEG "
+                   "images, or a cifar-10-batches-py folder. [default: digits for --preset "
+                   "digits]")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Total optimizer steps. [default: the preset's]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Global batch size, split over DDP ranks. [default: the preset's]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Adam learning rate after warmup. [default: the preset's]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory for ckpt.pt, log.jsonl and sample grids. [default: "
+                   "runs/<preset>]")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is OUT/ckpt.pt.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in an OUT that holds a checkpoint.")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of weights, data order and noise. [default: the preset's]")
+@click.option("--sample-every", type=click.IntRange(min=0), default=None,
+              help="Steps between sample grids; 0 = only at the end. [default: the preset's]")
+@click.option("--save-every", type=click.IntRange(min=0), default=None,
+              help="Steps between checkpoints; 0 = only at the end. [default: the preset's]")
+@click.option("--device", default="auto", callback=_check_device,
+              help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process. [default: OMP_NUM_THREADS, else the cores less "
+                   "one]")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast for the network's forward pass.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def main(preset_name, data, steps, batch_size, lr, out_dir, resume, overwrite, seed,
+         sample_every, save_every, device, threads, bf16, progress):
+    """Train the DDPM epsilon-network and write a checkpoint that export can use alone."""
+    out_dir = out_dir or Path("runs") / preset_name
+    ckpt_path = out_dir / CKPT_NAME
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+               "sample_every": sample_every, "save_every": save_every}
+    given = {k: v for k, v in options.items() if v is not None}
+    resume_from = None
+    if resume:
+        if overwrite:
+            raise click.UsageError("--resume and --overwrite contradict each other; pick one")
+        try:
+            resume_from = load_checkpoint(ckpt_path)
+        except CheckpointError as err:
+            raise click.ClickException(str(err)) from err
+        model_config = ModelConfig.from_dict(resume_from["model_config"])
+        train_config = TrainConfig.from_dict(resume_from["train_config"])
+        _check_resume_options(ctx_preset=preset_name, model_config=model_config,
+                              train_config=train_config, given=given)
+        data = data or resume_from["data"]["spec"]
+    else:
+        if ckpt_path.exists() and not overwrite:
+            raise click.UsageError(f"{ckpt_path} exists; pass --resume to continue that run, "
+                                   "--overwrite to start afresh, or choose another --out")
+        model_config, train_config = preset(preset_name)
+        if data is None:
+            if preset_name != "digits":
+                raise click.UsageError(f"--preset {preset_name} needs --data (an .npz, an image "
+                                       "folder or a cifar-10-batches-py folder)")
+            data = "digits"
+        if overwrite and dist_info_from_env().is_main:
+            (out_dir / LOG_NAME).unlink(missing_ok=True)
+    try:
+        train_config = train_config.replace(**given)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    if resume_from is not None and resume_from["step"] >= train_config.steps:
+        click.echo(f"{ckpt_path} is already at step {resume_from['step']} of "
+                   f"{train_config.steps}; pass a larger --steps to train further")
+        return
+    try:
+        dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
+        trainer = train(model_config, train_config, dataset, out_dir, device=device, bf16=bf16,
+                        resume_from=resume_from, progress=progress, threads=threads)
+    except (DatasetError, DeviceError) as err:
+        raise click.ClickException(str(err)) from err
+    if trainer.info.is_main:
+        click.echo(f"trained to step {trainer.step} in {trainer.elapsed_s / 60:.1f} min of "
+                   f"training; checkpoint {ckpt_path}, log {out_dir / LOG_NAME}, "
+                   f"samples {out_dir}/samples_{trainer.step:07d}.png")
+
+
+def _check_resume_options(*, ctx_preset: str, model_config: ModelConfig,
+                          train_config: TrainConfig, given: dict) -> None:
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source("preset_name")
+    if source == click.core.ParameterSource.COMMANDLINE and \
+            preset(ctx_preset)[0] != model_config:
+        raise click.UsageError(f"--preset {ctx_preset} does not match the checkpoint's model; "
+                               "drop --preset when resuming or choose another --out")
+    for name, flag in FIXED_ON_RESUME.items():
+        if name in given and given[name] != getattr(train_config, name):
+            raise click.UsageError(
+                f"{flag} {given[name]} differs from the checkpoint's {getattr(train_config, name)}"
+                "; a resumed run keeps its recipe (drop the option, or start a new --out)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The training loop: L_simple with Adam, warmup, grad clipping, EMA, checkpoints, previews.
+
+Every random draw of step n (data order, t, noise, flips, dropout) comes from seeds derived
+from (seed, rank, n), so a run resumed from its step-n checkpoint repeats an uninterrupted
+run exactly (on the same number of processes and the same kind of device), and each DDP
+rank draws its own stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .bridge import schedule_tensors
+from .checkpoint import FORMAT_VERSION, save_checkpoint
+from .config import ModelConfig, TrainConfig
+from .data import Dataset, to_unit_range
+from .diffusion import loss_simple
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    destroy_process_group,
+    dist_info_from_env,
+    init_process_group,
+    resolve_device,
+    set_cpu_threads,
+)
+from .ema import EMA
+from .preview import write_preview
+from .unet import UNet
+
+CKPT_NAME = "ckpt.pt"
+LOG_NAME = "log.jsonl"
+# Tags that keep the derived seed streams apart.
+_EPOCH, _BATCH, _DROPOUT = 0, 1, 2
+# Datasets up to this size live on the training device; larger ones are copied per batch.
+_ON_DEVICE_BYTES = 2**30
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated seeds)."""
+    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class Trainer:
+    """One process's share of a run. Build, optionally ``load_state``, then ``fit``."""
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset,
+                 out_dir: str | Path, *, device: torch.device | str = "cpu",
+                 info: DistInfo | None = None, bf16: bool = False, progress: bool = True):
+        expected = (model_config.in_channels, model_config.image_size, model_config.image_size)
+        if dataset.image_shape != expected:
+            raise ValueError(f"dataset images are [C, H, W] = {list(dataset.image_shape)}, the "
+                             f"model expects {list(expected)}")
+        info = info or DistInfo()
+        if train_config.batch_size % info.world_size:
+            raise ValueError(f"batch size {train_config.batch_size} does not split evenly over "
+                             f"{info.world_size} processes")
+        self.model_config, self.config, self.dataset = model_config, train_config, dataset
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.info, self.bf16, self.progress = info, bf16, progress
+        self.schedule = train_config.schedule()
+        self.st = schedule_tensors(self.schedule, self.device)
+        self.local_batch = train_config.batch_size // info.world_size
+        shard = len(dataset) // info.world_size
+        self.steps_per_epoch = shard // self.local_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} images cannot fill a batch of {self.local_batch} "
+                             f"per process; lower --batch-size")
+
+        torch.manual_seed(train_config.seed)  # the same initial weights on every rank
+        self.model = UNet(model_config).to(self.device)
+        self.ema = EMA(self.model, train_config.ema_decay, warmup=train_config.ema_warmup)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train_config.lr)
+        levels = torch.from_numpy(dataset.levels)
+        self.levels = levels.to(self.device) if levels.nbytes <= _ON_DEVICE_BYTES else levels
+        self.step = 0
+        self.elapsed_s = 0.0  # training wall time over all sessions of this run
+        self._epoch, self._order = -1, None
+        self._net = None  # the DDP wrapper (or the model), made in fit()
+
+    # === State ===
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: plain data and tensors only (loads with weights_only=True)."""
+        cfg = self.config
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_config": self.model_config.to_dict(),
+            "train_config": cfg.to_dict(),
+            "schedule": dict(self.schedule.config),
+            "data": {"name": self.dataset.name, "spec": self.dataset.spec,
+                     "image_shape": list(self.dataset.image_shape), "data_range": [-1.0, 1.0],
+                     "num_levels": self.dataset.num_levels},
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(),
+            "world_size": self.info.world_size,
+            "elapsed_s": self.elapsed_s,
+            "torch_version": str(torch.__version__),
+        }
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        """Continue from a checkpoint (call before fit)."""
+        if ckpt["model_config"] != self.model_config.to_dict():
+            raise ValueError("the checkpoint's model config differs from this run's; resume "
+                             "with the checkpoint's own configuration")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        self.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
+        _set_rng_state(ckpt["rng"])
+
+    # === One step ===
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup from 0 to lr over ``warmup`` steps, then constant (the paper)."""
+        warmup = self.config.warmup
+        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_0, t, noise) of this rank at ``step``: a function of (seed, rank, step) alone."""
+        cfg, b = self.config, self.local_batch
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            # One permutation per epoch shared by all ranks; rank r takes every r-th image.
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _EPOCH, epoch))
+            order = torch.randperm(len(self.dataset), generator=gen)
+            usable = (len(self.dataset) // self.info.world_size) * self.info.world_size
+            self._order = order[self.info.rank:usable:self.info.world_size]
+            self._epoch = epoch
+        idx = self._order[pos * b:(pos + 1) * b]
+        x0 = to_unit_range(self.levels[idx.to(self.levels.device)].to(self.device),
+                           self.dataset.num_levels)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(derive_seed(cfg.seed, _BATCH, self.info.rank, step))
+        if cfg.hflip:
+            flip = torch.rand(b, generator=gen, device=self.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        return x0, t, noise
+
+    def train_step(self, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns (loss, grad norm before clipping) as device tensors."""
+        step = self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        torch.manual_seed(derive_seed(self.config.seed, _DROPOUT, self.info.rank, step))
+        x0, t, noise = self.batch(step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = loss_simple(net, self.st, x0, t, noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model, step)
+        self.step += 1
+        return loss.detach(), grad_norm.detach()
+
+    # === The loop ===
+
+    def fit(self) -> None:
+        """Train until ``config.steps``, logging, previewing and checkpointing on the way."""
+        cfg, main = self.config, self.info.is_main
+        if self._net is None:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._net = (DistributedDataParallel(self.model, device_ids=ids)
+                         if self.info.enabled else self.model)
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_log(self.out_dir / LOG_NAME, self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", mininterval=1.0,
+                   disable=not (main and self.progress), dynamic_ncols=True)
+        loss_sum = torch.zeros((), device=self.device)
+        norm_sum = torch.zeros((), device=self.device)
+        window, window_start = 0, time.perf_counter()
+        session_start, elapsed_before = window_start, self.elapsed_s
+        try:
+            while self.step < cfg.steps:
+                loss, grad_norm = self.train_step(self._net)
+                loss_sum += loss
+                norm_sum += grad_norm
+                window += 1
+                bar.update(1)
+                self.elapsed_s = elapsed_before + time.perf_counter() - session_start
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
+                    now = time.perf_counter()
+                    self._log(bar, loss_sum / window, norm_sum / window,
+                              window / (now - window_start))
+                    loss_sum.zero_()
+                    norm_sum.zero_()
+                    window, window_start = 0, now
+                pause_start = time.perf_counter()
+                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save()
+                if last or (cfg.sample_every and self.step % cfg.sample_every == 0):
+                    self.preview()
+                # Throughput counts training only, not checkpoints and previews.
+                window_start += time.perf_counter() - pause_start
+        finally:
+            bar.close()
+
+    def _log(self, bar, loss: torch.Tensor, grad_norm: torch.Tensor, steps_per_s: float) -> None:
+        loss_v, norm_v = all_reduce_mean(torch.stack([loss, grad_norm]), self.info).tolist()
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"the loss became {loss_v} by step {self.step}; lower --lr "
+                                     "or resume from an earlier checkpoint")
+        record = {"step": self.step, "loss": loss_v, "lr": self.lr_at(self.step - 1),
+                  "grad_norm": norm_v, "steps_per_s": steps_per_s,
+                  "images_per_s": steps_per_s * self.config.batch_size,
+                  "elapsed_s": self.elapsed_s}
+        if self.info.is_main:
+            with open(self.out_dir / LOG_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{loss_v:.4f}", steps_per_s=f"{steps_per_s:.2f}", refresh=False)
+
+    def save(self) -> Path:
+        path = self.out_dir / CKPT_NAME
+        if self.info.is_main:
+            save_checkpoint(path, self.state_dict())
+        barrier(self.info)
+        return path
+
+    def preview(self) -> Path | None:
+        if not self.info.is_main:
+            return None
+        cfg = self.config
+        return write_preview(self.out_dir / f"samples_{self.step:07d}.png", self.ema.model,
+                             self.schedule, count=cfg.preview_count, steps=cfg.preview_steps,
+                             image_shape=self.dataset.image_shape, seed=cfg.seed,
+                             device=self.device)
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset,
+          out_dir: str | Path, *, device: str = "auto", bf16: bool = False,
+          resume_from: dict[str, Any] | None = None, progress: bool = True,
+          threads: int | None = None) -> Trainer:
+    """Run (or continue) training in this process; under torchrun, as one DDP rank."""
+    info = dist_info_from_env()
+    torch_device = resolve_device(device, info)
+    if torch_device.type == "cpu":
+        set_cpu_threads(info, threads)
+    init_process_group(info, torch_device)
+    try:
+        trainer = Trainer(model_config, train_config, dataset, out_dir, device=torch_device,
+                          info=info, bf16=bf16, progress=progress)
+        if resume_from is not None:
+            trainer.load_state(resume_from)
+        trainer.fit()
+    finally:
+        destroy_process_group()
+    return trainer
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain data (numpy's array becomes a list)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": [int(k) for k in keys], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and \
+            len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np.array(np_state["keys"], dtype=np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop records the interrupted session wrote after its last checkpoint."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)

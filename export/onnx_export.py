@@ -24,11 +24,11 @@ import torch
 from runtime.metadata import METADATA_KEY, ModelRecord
 
 OPSET = 17
-# fp32 torch vs ONNX Runtime: the same math with different kernel orderings. On the
-# presets we measure ~1e-7..1e-6 of the output's scale; 1e-4 leaves room for deeper
-# networks and other CPUs while any real mismatch (a wrong weight, op or layout) is
-# orders of magnitude larger.
-DEFAULT_TOLERANCE = 1e-4
+# fp32 torch vs ONNX Runtime: the same math with different kernel orderings. Measured here
+# (max |onnx - torch| / max |torch|): trained digits 3e-7, random-weight presets digits
+# 1.3e-6, cifar10 2e-6, celebahq256 4.3e-6 (the deepest). 2e-5 leaves ~5x for other CPUs'
+# kernels, and still catches one weight of a trained model moved by 0.05 (6.5e-5, tested).
+DEFAULT_TOLERANCE = 2e-5
 
 
 class ExportError(RuntimeError):
@@ -41,6 +41,7 @@ class Verification:
     max_rel: float      # max_abs / max |torch|: error relative to the output's scale
     tolerance: float
     batch_sizes: tuple[int, ...]
+    scale: float = 0.0  # max |torch|: a zero output would make the comparison vacuous
 
     @property
     def ok(self) -> bool:
@@ -100,8 +101,12 @@ def to_onnx_bytes(model: torch.nn.Module, record: ModelRecord) -> bytes:
     t = torch.tensor([0.0, record.num_timesteps - 1.0])
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        # The TorchScript exporter announces its deprecation on every call.
+        # The TorchScript exporter announces its deprecation on every call, and GroupNorm's
+        # "more than one value per channel" check warns while tracing; the check is on the
+        # image size, fixed by the model, so baking it in as a constant is correct.
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean",
+                                category=torch.jit.TracerWarning)
         torch.onnx.export(
             model, (x, t), buffer, dynamo=False, opset_version=OPSET,
             input_names=["x", "t"], output_names=["eps"],
@@ -135,7 +140,7 @@ def verify_onnx(model: torch.nn.Module, onnx_path, *, batch_sizes=(1, 5),
     from runtime.backends.ort import OrtBackend
 
     rng = np.random.default_rng(seed)
-    max_abs, max_rel = 0.0, 0.0
+    max_abs, max_rel, max_scale = 0.0, 0.0, 0.0
     with OrtBackend(onnx_path, device="cpu") as backend:
         c, h, w = backend.image_shape
         T = backend.record.num_timesteps
@@ -147,9 +152,9 @@ def verify_onnx(model: torch.nn.Module, onnx_path, *, batch_sizes=(1, 5),
                 want = model(torch.from_numpy(x), torch.from_numpy(t)).numpy()
             diff = float(np.max(np.abs(got.astype(np.float64) - want)))
             scale = float(np.max(np.abs(want)))
-            max_abs = max(max_abs, diff)
+            max_abs, max_scale = max(max_abs, diff), max(max_scale, scale)
             max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else np.inf))
-    return Verification(max_abs, max_rel, tolerance, tuple(batch_sizes))
+    return Verification(max_abs, max_rel, tolerance, tuple(batch_sizes), max_scale)
 
 
 def unverified_path(path: Path) -> Path:

@@ -16,7 +16,7 @@ def export_options(fn):
     fn = click.option("--raw-weights", is_flag=True,
                       help="export the trained weights instead of their EMA")(fn)
     fn = click.option("--tolerance", type=click.FloatRange(min=0.0), default=None,
-                      help="max |onnx - torch| / max |torch| accepted (default 1e-4)")(fn)
+                      help="max |onnx - torch| / max |torch| accepted (default 2e-5)")(fn)
     return fn
 
 

@@ -58,3 +58,32 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
     return export_model(tiny_model, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A real training run of the tiny U-Net on the embedded digits: a few hundred steps,
+    enough that eps is a trained function of (x, t), not a random one. Returns its folder."""
+    from training.config import TrainConfig
+    from training.data import load_dataset
+    from training.trainer import train
+
+    cfg = tiny_model_config()
+    run = tmp_path_factory.mktemp("trained")
+    train_cfg = TrainConfig(lr=2e-3, warmup=20, batch_size=32, steps=300, ema_decay=0.99,
+                            sample_every=0, save_every=300, log_every=100, preview_count=4,
+                            preview_steps=5)
+    train(cfg, train_cfg, load_dataset("digits", cfg.image_size, cfg.in_channels), run,
+          device="cpu", progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_onnx(trained_run, tmp_path_factory) -> Path:
+    """The trained checkpoint through the real export path (EMA weights, verified)."""
+    from export.onnx_export import export_checkpoint
+
+    path, _, check = export_checkpoint(trained_run / "ckpt.pt",
+                                       tmp_path_factory.mktemp("exported") / "model.onnx")
+    assert check.ok
+    return path

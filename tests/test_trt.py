@@ -292,9 +292,13 @@ def test_tiny_onnx_runs_in_onnxruntime(tmp_path):
 
 # === Real TensorRT on a real GPU: parity with ONNX Runtime ===
 
-needs_trt = pytest.mark.skipif(
-    trt_available() is not None, reason=f"needs TensorRT and a CUDA GPU: {trt_available()}"
-)
+def needs_trt(test):
+    """Mark a test as GPU-only (tools/gpu_check.sh runs these) and skip it with the reason."""
+    reason = trt_available()
+    test = pytest.mark.gpu(test)
+    skip = pytest.mark.skipif(reason is not None, reason=f"needs TensorRT and a CUDA GPU: {reason}")
+    return skip(test)
+
 
 # fp32 engines (TF32 off) differ from ONNX Runtime only by kernel summation order: 1e-4
 # on unit-scale eps. fp16 keeps ~3 significant digits through two convolutions: 2e-2.

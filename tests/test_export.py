@@ -1,0 +1,159 @@
+"""Export: checkpoint -> verified, self-describing ONNX; to_trt.py where TensorRT is absent."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from export.onnx_export import export_checkpoint, sha256_file, unverified_path, verify_onnx
+from export.trt_build import trt_available
+from runtime.backends.ort import OrtBackend
+from runtime.metadata import METADATA_KEY, ModelRecord
+from training.checkpoint import build_model, build_schedule, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(script: str, *args):
+    return subprocess.run([sys.executable, str(REPO / "export" / script), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def test_contract_names_dtypes_and_dynamic_batch(trained_onnx):
+    proto = onnx.load(str(trained_onnx))
+    onnx.checker.check_model(proto, full_check=True)
+    inputs = {i.name: i.type.tensor_type for i in proto.graph.input}
+    outputs = {o.name: o.type.tensor_type for o in proto.graph.output}
+    assert set(inputs) == {"x", "t"} and set(outputs) == {"eps"}
+    for tensor in [*inputs.values(), *outputs.values()]:
+        assert tensor.elem_type == onnx.TensorProto.FLOAT
+        assert tensor.shape.dim[0].dim_param  # symbolic: any batch
+    assert [d.dim_value for d in inputs["x"].shape.dim[1:]] == [1, 8, 8]
+    with OrtBackend(trained_onnx) as backend:
+        for b in (1, 7):
+            eps = backend(np.zeros((b, 1, 8, 8), np.float32), np.full(b, 3.0, np.float32))
+            assert eps.shape == (b, 1, 8, 8)
+
+
+def test_metadata_round_trip(trained_run, trained_onnx):
+    ckpt = load_checkpoint(trained_run / "ckpt.pt")
+    proto = onnx.load(str(trained_onnx))
+    (entry,) = [p for p in proto.metadata_props if p.key == METADATA_KEY]
+    record = ModelRecord.from_json(entry.value, "test")
+    assert record.schedule == ckpt["schedule"]
+    assert record.model_config == ckpt["model_config"]
+    assert list(record.image_shape) == ckpt["data"]["image_shape"]
+    assert record.num_levels == 17 and record.data_range == (-1.0, 1.0)
+    assert record.checkpoint_sha256 == sha256_file(trained_run / "ckpt.pt")
+    assert record.weights == "ema" and record.train_step == ckpt["step"]
+    assert record.exporter["opset"] == 17 and record.flops_per_image > 0
+    # The runtime rebuilds the training schedule exactly from the record.
+    np.testing.assert_array_equal(record.build_schedule().betas, build_schedule(ckpt).betas)
+
+
+def test_raw_weights_differ_from_ema(trained_run, tmp_path):
+    path, record, check = export_checkpoint(trained_run / "ckpt.pt", tmp_path / "raw.onnx",
+                                            weights="raw")
+    assert check.ok and record.weights == "raw"
+    ckpt = load_checkpoint(trained_run / "ckpt.pt")
+    raw, ema = build_model(ckpt, "raw"), build_model(ckpt, "ema")
+    assert verify_onnx(raw, path).ok
+    assert not verify_onnx(ema, path).ok  # the file really holds the raw weights
+
+
+def test_export_is_deterministic(trained_run, tmp_path):
+    a, _, _ = export_checkpoint(trained_run / "ckpt.pt", tmp_path / "a.onnx")
+    b, _, _ = export_checkpoint(trained_run / "ckpt.pt", tmp_path / "b.onnx")
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_tampered_file_fails_verification(trained_run, trained_onnx, tmp_path):
+    proto = onnx.load(str(trained_onnx))
+    # Change one weight of the largest initializer by a small, plausible amount.
+    init = max(proto.graph.initializer, key=lambda i: int(np.prod(i.dims)))
+    weights = numpy_helper.to_array(init).copy()
+    weights.flat[0] += 0.05
+    init.CopyFrom(numpy_helper.from_array(weights, init.name))
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(proto, str(tampered))
+    model = build_model(load_checkpoint(trained_run / "ckpt.pt"))
+    assert verify_onnx(model, trained_onnx).ok
+    check = verify_onnx(model, tampered)
+    assert not check.ok and check.max_rel > check.tolerance
+
+
+def test_cli_failed_verification_keeps_file_as_unverified(trained_run, tmp_path):
+    out = tmp_path / "model.onnx"
+    model = build_model(load_checkpoint(trained_run / "ckpt.pt"))
+    # A tolerance no fp32 export meets, unless torch and ORT agree bit for bit.
+    result = _cli("to_onnx.py", trained_run / "ckpt.pt", "-o", out, "--tolerance", "1e-12")
+    if result.returncode == 0:
+        assert verify_onnx(model, out, tolerance=1e-12).max_rel <= 1e-12
+        pytest.skip("torch and ONNX Runtime agreed exactly: nothing to fail on")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert not out.exists() and unverified_path(out).exists()
+    assert "must not be deployed" in result.stderr
+
+
+def test_cli_export_prints_verification(trained_run, tmp_path):
+    result = _cli("to_onnx.py", trained_run / "ckpt.pt", "-o", tmp_path / "m.onnx")
+    assert result.returncode == 0, result.stderr
+    assert "verification ok" in result.stdout and "max rel diff" in result.stdout
+
+
+@pytest.mark.skipif(trt_available() is None, reason="TensorRT and a GPU are present here")
+def test_to_trt_without_tensorrt_writes_onnx_and_exits_3(trained_run, tmp_path):
+    plan = tmp_path / "model.plan"
+    result = _cli("to_trt.py", trained_run / "ckpt.pt", "-o", plan)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "no TensorRT engine built" in line and "python -m runtime sample" in line
+    onnx_path = plan.with_suffix(".onnx")
+    assert "verification ok" in result.stdout and onnx_path.is_file()
+    assert not plan.exists()
+    with OrtBackend(onnx_path) as backend:
+        assert backend.record.num_levels == 17
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "no such (checkpoint )?file"),
+    (b"", "empty|truncated|corrupt|not a"),
+    (b"PK\x03\x04 truncated zip", "truncated|corrupt|not a"),
+    (b"hello, I am a text file\n", "corrupt|not a"),
+])
+def test_cli_bad_checkpoint_is_one_line(tmp_path, content, match):
+    ckpt = tmp_path / "ckpt.pt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    result = _cli("to_onnx.py", ckpt)
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert str(ckpt) in line
+    assert re.search(match, line, re.IGNORECASE), line
+
+
+def test_truncated_real_checkpoint_is_refused(trained_run, tmp_path):
+    data = (trained_run / "ckpt.pt").read_bytes()
+    cut = tmp_path / "ckpt.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    result = _cli("to_onnx.py", cut)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and str(cut) in result.stderr
+
+
+def test_checkpoint_without_network_is_refused(tmp_path):
+    import torch
+
+    path = tmp_path / "notours.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(ValueError, match=str(path)):
+        export_checkpoint(path, tmp_path / "m.onnx")

@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[train,dev]'
 	touch $@
 
-# Train on the embedded digits, export (ONNX always; a TensorRT engine where TensorRT and a
-# GPU exist: exit code 3 means "not here"), then sample a grid with the torch-free runtime.
+# Train on the embedded digits (resuming an interrupted run; a finished one is kept), export
+# (ONNX always; a TensorRT engine where TensorRT and a GPU exist: exit code 3 means "not
+# here"), then sample a grid with the torch-free runtime.
 demo: venv
-	$(PY) training/train.py --out $(RUN)
+	$(PY) training/train.py --out $(RUN) $$(test -f $(RUN)/ckpt.pt && echo --resume)
 	$(PY) export/to_trt.py $(RUN)/ckpt.pt -o $(RUN)/model.plan || test $$? -eq 3
 	$(PY) -m runtime sample $(RUN)/model.onnx -n 64 --seed 0 -o $(RUN)/samples.png
 	@echo "demo: samples in $(RUN)/samples.png"

@@ -16,17 +16,19 @@ def to_uint8(x: np.ndarray, data_range=(-1.0, 1.0)) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def make_grid(images: np.ndarray, *, ncol: int | None = None, pad: int = 1,
+def make_grid(images: np.ndarray, *, ncol: int | None = None, pad: int | None = None,
               min_size: int = 64) -> np.ndarray:
     """uint8 [N, H, W, C] -> one uint8 [rows, cols, C] image.
 
     Tiny images are upscaled with nearest neighbour to at least ``min_size`` pixels
-    so an 8x8 digit is visible; interpolation would blur its pixels together.
+    so an 8x8 digit is visible; interpolation would blur its pixels together. Cells are
+    parted by white gaps of half a scaled pixel (``pad``), since digits touch their borders.
     """
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
     n, h, w, c = images.shape
     scale = max(1, math.ceil(min_size / max(h, w)))
+    pad = max(1, scale // 2) if pad is None else pad
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     h, w = h * scale, w * scale
     ncol = ncol or math.ceil(math.sqrt(n))

@@ -75,6 +75,10 @@ def test_last_step_adds_no_noise():
     with_noise = reference_step(st, _t(x_t), 0, _t(eps), _t(noise * 100))
     without = reference_step(st, _t(x_t), 0, _t(eps), None)
     assert torch.equal(with_noise, without)
+    with pytest.raises(ValueError, match="noise is required"):
+        reference_step(st, _t(x_t), 5, _t(eps), None)
+    with pytest.raises(ValueError, match="noise is required"):
+        reference_ddim_step(st, _t(x_t), 5, _t(eps), None, eta=0.5)
 
 
 @pytest.mark.parametrize("which", sorted(SCHEDULES))

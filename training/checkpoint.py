@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,11 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
     _check_plain(ckpt, "ckpt")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A fresh name in the same directory (so os.replace is atomic), created with the
+    # umask's permissions like any file the user writes.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())

@@ -61,9 +61,12 @@ def reference_step(st: ScheduleTensors, x_t: torch.Tensor, i, eps: torch.Tensor,
         x0 = x0.clamp(clip_range[0], clip_range[1])
     mean = _at(st.posterior_mean_coef1, i, x64) * x0 + _at(st.posterior_mean_coef2, i, x64) * x64
     first = _is_first(i)
+    all_first = bool(first.all()) if isinstance(first, torch.Tensor) else first
+    if not all_first and noise is None:
+        raise ValueError("noise is required for steps with t > 0")
     if isinstance(first, torch.Tensor):
         sigma = torch.where(first.to(var.device), 0.0, var[i.to(var.device)].sqrt())
-        if not bool(first.all()):
+        if not all_first:
             mean = mean + sigma.reshape(-1, *([1] * (x64.ndim - 1))) * noise.to(torch.float64)
     elif not first:
         mean = mean + var[int(i)].sqrt() * noise.to(torch.float64)
@@ -95,6 +98,8 @@ def reference_ddim_step(st: ScheduleTensors, x_t: torch.Tensor, i, eps: torch.Te
     needs_noise = eta > 0 and (not bool(first.all()) if isinstance(first, torch.Tensor)
                                else not first)
     if needs_noise:
+        if noise is None:
+            raise ValueError("noise is required for DDIM steps with eta > 0 and t > 0")
         out = out + sigma * noise.to(torch.float64)
     return out.to(torch.float32)
 

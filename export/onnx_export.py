@@ -11,7 +11,6 @@ Attention is MatMul + Softmax in the network itself; no fused op the parsers lac
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import warnings
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.metadata import METADATA_KEY, ModelRecord
+from runtime.metadata import METADATA_KEY, ModelRecord, sha256_file
 
 OPSET = 17
 # fp32 torch vs ONNX Runtime: the same math with different kernel orderings. Measured here
@@ -52,14 +51,6 @@ class Verification:
         return (f"verification {verdict}: max abs diff {self.max_abs:.3e}, max rel diff "
                 f"{self.max_rel:.3e} (tolerance {self.tolerance:.0e}), batch sizes "
                 f"{list(self.batch_sizes)}")
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def count_flops(model: torch.nn.Module, image_shape) -> int:

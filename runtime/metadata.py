@@ -7,6 +7,7 @@ One module owns the format, so the writer and the reader cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,15 @@ from .schedule import Schedule
 METADATA_KEY = "ddpm"
 FORMAT_VERSION = 1
 PREDICTIONS = ("eps",)
+
+
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks: how records name their source files."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

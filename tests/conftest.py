@@ -50,6 +50,17 @@ def export_model(model, path: Path, *, num_timesteps: int = 1000, num_levels: in
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: more threads only add synchronisation, which stalls on a busy CI box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return randomized_unet(tiny_model_config())

@@ -16,14 +16,7 @@ from runtime.schedule import Schedule
 from training.bridge import schedule_tensors
 from training.reference import reference_ddim_step, reference_sample, reference_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: more threads only add synchronisation, which stalls on a busy CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 T = 1000

@@ -38,13 +38,7 @@ TINY_TRAIN = TrainConfig(lr=2e-3, warmup=5, batch_size=32, steps=6, ema_decay=0.
                          preview_steps=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: more threads only add synchronisation, which stalls on a busy CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ import torch
 from training.config import PRESETS, ModelConfig, preset
 from training.unet import AttnBlock, ResBlock, UNet, count_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: more threads only add synchronisation, which stalls on a busy CI box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = ModelConfig(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,

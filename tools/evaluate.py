@@ -441,7 +441,9 @@ class Evaluator:
 def sample_timed(pipe, n, seed, sampler, steps, batch_size, cache: Path | None, progress=True,
                  variance="fixedlarge"):
     """Images and wall time; reuses ``cache`` (.npz) from an identical earlier run."""
-    key = {"model_sha256": _file_sha256(pipe.source), "n": n, "seed": seed,
+    from runtime.metadata import sha256_file
+
+    key = {"model_sha256": sha256_file(pipe.source), "n": n, "seed": seed,
            "sampler": sampler, "steps": steps}
     if sampler == "ddpm" and variance != "fixedlarge":
         key["variance"] = variance
@@ -460,14 +462,6 @@ def sample_timed(pipe, n, seed, sampler, steps, batch_size, cache: Path | None, 
         np.savez_compressed(buffer, images=images, seconds=seconds, key=json.dumps(key))
         cache.write_bytes(buffer.getvalue())
     return images, seconds
-
-
-def _file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_nll(pipe, evaluator_or_images, n_images: int, *, seed: int, batch_size: int,

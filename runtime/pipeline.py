@@ -120,12 +120,12 @@ def load(path, *, backend: str = "auto", device: str | None = None, threads: int
                         max_batch=ort_backend.max_batch, closer=ort_backend.close)
     if device not in (None, "cuda"):
         raise ValueError(f"the TensorRT backend runs on the GPU; device {device!r} is not valid")
-    from .backends.trt import TensorRTBackend, check_sidecar, read_sidecar
+    from .backends.trt import TensorRTBackend, read_sidecar
 
     sidecar = read_sidecar(path)
     record = ModelRecord.from_dict({k: v for k, v in sidecar.items() if k != "tensorrt"},
                                    f"{path} (sidecar)")
-    check_sidecar(sidecar, path)
+    # The backend checks the sidecar's TensorRT version and GPU against this machine.
     trt_backend = TensorRTBackend(path, sidecar, device=device_id)
     return Pipeline(trt_backend, record, source=str(path),
                     backend_name=f"tensorrt:{sidecar['tensorrt'].get('precision', 'fp32')}",

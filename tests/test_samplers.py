@@ -138,12 +138,53 @@ def test_seed_stability_across_batch_sizes():
 
 def test_image_noise_buffering_is_invisible():
     a, b = ImageNoise(5, [2, 9], chunk=3), ImageNoise(5, [2, 9], chunk=64)
+    # A byte cap below one step's noise still draws one step at a time, same values.
+    c = ImageNoise(5, [2, 9], max_bytes=1)
     for _ in range(7):
-        np.testing.assert_array_equal(a.standard_normal((1, 2)), b.standard_normal((1, 2)))
+        draw = a.standard_normal((1, 2))
+        np.testing.assert_array_equal(draw, b.standard_normal((1, 2)))
+        np.testing.assert_array_equal(draw, c.standard_normal((1, 2)))
+    assert c._buffer.shape[1] == 1 and b._buffer.shape[1] == 64
     # Stream k equals the k-th child of SeedSequence(seed).spawn.
     child = np.random.default_rng(np.random.SeedSequence(5).spawn(10)[9])
     np.testing.assert_array_equal(
         ImageNoise(5, [9]).standard_normal((4,))[0], child.standard_normal((4,), dtype=np.float32))
+
+
+def _checked_loop(eps_fn, schedule, shape, rng, *, sampler, variance="fixedlarge", eta=0.0,
+                  clip_x0=True):
+    """The loop written with the checked public steps: the fast path must equal it."""
+    x = draw_noise(rng, shape)
+    for i in range(schedule.num_timesteps - 1, -1, -1):
+        eps = eps_fn(x, np.full(shape[0], schedule.timesteps[i], dtype=np.float32))
+        noise = draw_noise(rng, shape) if i > 0 and (sampler == "ddpm" or eta > 0) else None
+        if sampler == "ddpm":
+            x = schedule.step(x, i, eps, noise, variance=variance, clip_x0=clip_x0)
+        else:
+            x = schedule.ddim_step(x, i, eps, noise, eta=eta, clip_x0=clip_x0)
+    return x
+
+
+@pytest.mark.parametrize("schedule", [Schedule.linear(T), Schedule.linear(T).respaced(37),
+                                      Schedule.cosine(200)], ids=["full", "respaced", "cosine"])
+@pytest.mark.parametrize("kwargs", [
+    dict(sampler="ddpm"), dict(sampler="ddpm", variance="fixedsmall"),
+    dict(sampler="ddpm", clip_x0=False), dict(sampler="ddim"), dict(sampler="ddim", eta=1.0),
+    dict(sampler="ddim", eta=0.5, clip_x0=False), dict(sampler="ddim", clip_x0=False),
+], ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_in_place_loop_equals_checked_steps_bit_for_bit(schedule, kwargs):
+    """sample() steps in place from a coefficient table; Schedule.step allocates and checks.
+    Same float64 operations in the same order, so the results must be identical. The
+    network is nonlinear and pushes x_0 past the clip range, so every branch runs."""
+    w = np.random.default_rng(0).standard_normal((12, 12)).astype(np.float32)
+
+    def eps_fn(x, t):
+        h = (x.reshape(len(x), -1) @ w).reshape(x.shape)
+        return np.tanh(h * (1 + t[:, None, None, None] / T)).astype(np.float32) * 3
+
+    got = sample(eps_fn, schedule, (5, 3, 2, 2), ImageNoise(3, 5), **kwargs)
+    want = _checked_loop(eps_fn, schedule, (5, 3, 2, 2), ImageNoise(3, 5), **kwargs)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_non_finite_network_output_names_the_step():

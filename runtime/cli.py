@@ -29,7 +29,8 @@ def _backend_options(fn):
     fn = click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
                       help="ONNX Runtime provider (default cpu)")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), default=None,
-                      help="CPU threads for ONNX Runtime (default: all cores)")(fn)
+                      help="CPU threads for ONNX Runtime (default: all cores); a batch is "
+                      "split into one shard per thread")(fn)
     return fn
 
 

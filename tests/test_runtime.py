@@ -67,6 +67,34 @@ def test_image_k_does_not_depend_on_batching(tiny_onnx, sampler, kwargs):
     assert not np.array_equal(whole[0], whole[1])
 
 
+def test_cpu_threads_split_the_batch_and_change_nothing(tiny_onnx):
+    """threads > 1 cuts a batch into concurrent one-thread shards (uneven ones too), or
+    for a batch smaller than threads, threads every operator: same eps either way."""
+    from runtime.backends.ort import OrtBackend
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 1, 8, 8), dtype=np.float32)
+    t = np.linspace(0, 999, 7).round().astype(np.float32)
+    with OrtBackend(tiny_onnx, threads=1) as one:
+        want = one(x, t)
+        assert one._pool is None
+        for threads in (2, 3):
+            with OrtBackend(tiny_onnx, threads=threads) as many:
+                np.testing.assert_array_equal(many(x, t), want)  # shards of 3/4, 2/2/3
+                np.testing.assert_array_equal(many(x[:1], t[:1]), want[:1])
+                assert set(many._cpu) == {"shard", "wide"}  # both ran: both kept
+            with OrtBackend(tiny_onnx, threads=threads) as small:
+                np.testing.assert_array_equal(small(x[:1], t[:1]), want[:1])
+                assert set(small._cpu) == {"wide"}  # the shard session never ran: let go
+                np.testing.assert_array_equal(small(x, t), want)
+        # A non-contiguous batch (what a strided slice gives) is copied, not misread.
+        np.testing.assert_array_equal(one(x[::2], t[::2]), want[::2])
+    with runtime.load(tiny_onnx, threads=2) as pipe:
+        two = pipe.sample_float(4, seed=3, steps=3, progress=False)
+    with runtime.load(tiny_onnx, threads=1) as pipe:
+        np.testing.assert_array_equal(two, pipe.sample_float(4, seed=3, steps=3, progress=False))
+
+
 def test_ddim_eta0_is_deterministic_and_seeded(tiny_onnx):
     with runtime.load(tiny_onnx) as pipe:
         a = pipe.sample_float(2, seed=3, sampler="ddim", steps=3, progress=False)

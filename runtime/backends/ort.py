@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +42,34 @@ def available_providers() -> list[str]:
     return list(_import_ort().get_available_providers())
 
 
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class OrtBackend:
     """An ONNX Runtime session over a model file that follows the DESIGN.md contract.
 
     Inputs ``x`` float32 [B, C, H, W] and ``t`` float32 [B]; output ``eps``.
     ``device`` picks one execution provider explicitly; if ONNX Runtime cannot give
     it, that is an error, never a silent fall back to the CPU.
+
+    On the CPU, ``threads`` (default: every core this process may use) go to images, not
+    to operators: a batch of at least ``threads`` images is cut into ``threads`` shards
+    that run at once, one thread each, on one session. Images are independent, so the
+    output is the same (tested). The U-Net's many small operators leave ONNX Runtime's
+    own threads waiting on each other; on 2 cores the shards measured 1.19x faster for
+    the digits network and 1.08x for CIFAR-10's at batch 64. A batch smaller than
+    ``threads`` runs on a session whose operators use every thread instead. Each kind
+    is opened when first needed, and one that never ran is let go when the other opens,
+    so a caller that uses one batch size holds one copy of the weights.
     """
 
     def __init__(self, path, *, device: str = "cpu", threads: int | None = None,
                  device_id: int = 0):
-        ort = _import_ort()
+        ort = self._ort = _import_ort()
         self.path = Path(path)
         if device not in PROVIDERS:
             raise ValueError(f"unknown device {device!r} for ONNX Runtime; expected one of "
@@ -64,33 +83,19 @@ class OrtBackend:
             )
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such model file")
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1  # one chain of ops: parallelism lives inside ops
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
-            options.intra_op_num_threads = threads
-        provider_options = [{}] if device == "cpu" else [{"device_id": device_id}]
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=[provider],
-                provider_options=provider_options,
-            )
-        except _load_errors() as err:
-            raise ModelFileError(
-                f"{self.path}: ONNX Runtime cannot load it ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}); re-export the model"
-            ) from None
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self.device = device
+        self._provider_options = [{}] if device == "cpu" else [{"device_id": device_id}]
+        self.threads = cpu_count() if threads is None and device == "cpu" else threads
+        # CPU: the main session runs one shard on one thread. GPU: the device does the work.
+        self.session = self._open(provider, 1 if device == "cpu" else threads)
         running = self.session.get_providers()
         if not running or running[0] != provider:
             raise BackendUnavailableError(
                 f"{self.path}: asked for {provider} but ONNX Runtime runs {running}; "
                 "check the GPU driver and onnxruntime-gpu install"
             )
-        self.device = device
         self.max_batch: int | None = None  # the batch axis is dynamic
         self.providers = running
         self.record = ModelRecord.from_json(
@@ -98,6 +103,30 @@ class OrtBackend:
         )
         self._check_signature()
         self._binding = self.session.io_binding() if device != "cpu" else None
+        # CPU sessions by kind: "shard" (one thread, the one opened above) and "wide"
+        # (every thread on each operator, for batches smaller than threads).
+        self._cpu = {"shard": self.session} if device == "cpu" else {}
+        self._ran: set[str] = set()
+        self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ort-shard")
+                      if device == "cpu" and self.threads > 1 else None)
+
+    def _open(self, provider: str, threads: int | None):
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1  # one chain of ops: parallelism lives inside ops
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=options,
+                                        providers=[provider],
+                                        provider_options=self._provider_options)
+        except _load_errors() as err:
+            raise ModelFileError(
+                f"{self.path}: ONNX Runtime cannot load it ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}); re-export the model"
+            ) from None
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -132,17 +161,52 @@ class OrtBackend:
                              f"got {x.dtype} {list(x.shape)}")
         if t.dtype != np.float32 or t.shape != (x.shape[0],):
             raise ValueError(f"t must be float32 [{x.shape[0]}], got {t.dtype} {list(t.shape)}")
+        x, t = np.ascontiguousarray(x), np.ascontiguousarray(t)
         if self._binding is None:
-            return self.session.run(["eps"], {"x": x, "t": t})[0]
+            return self._run_cpu(x, t)
         # On a GPU: bind host inputs and let ORT allocate eps on the device, one copy back.
-        self._binding.bind_cpu_input("x", np.ascontiguousarray(x))
-        self._binding.bind_cpu_input("t", np.ascontiguousarray(t))
+        self._binding.bind_cpu_input("x", x)
+        self._binding.bind_cpu_input("t", t)
         self._binding.bind_output("eps", "cuda")
         self.session.run_with_iobinding(self._binding)
         return self._binding.copy_outputs_to_cpu()[0]
 
+    def _cpu_session(self, kind: str):
+        if kind not in self._cpu:
+            for unused in set(self._cpu) - self._ran:
+                del self._cpu[unused]
+            self._cpu[kind] = self._open(PROVIDERS["cpu"], 1 if kind == "shard" else self.threads)
+        self._ran.add(kind)
+        self.session = self._cpu[kind]
+        return self.session
+
+    def _run_cpu(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        batch = x.shape[0]
+        if self._pool is None:
+            return self.session.run(["eps"], {"x": x, "t": t})[0]
+        if batch < self.threads:
+            return self._cpu_session("wide").run(["eps"], {"x": x, "t": t})[0]
+        session = self._cpu_session("shard")
+        bounds = np.linspace(0, batch, self.threads + 1).round().astype(int)
+        out = np.empty(x.shape, np.float32)
+
+        def shard(i: int) -> None:
+            lo, hi = bounds[i], bounds[i + 1]
+            # ONNX Runtime lets go of the GIL while it runs, so the shards run together.
+            out[lo:hi] = session.run(["eps"], {"x": x[lo:hi], "t": t[lo:hi]})[0]
+
+        others = [self._pool.submit(shard, i) for i in range(1, self.threads)]
+        shard(0)  # the calling thread takes the first shard
+        for future in others:
+            future.result()  # a shard's error is raised here
+        return out
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._binding = None
+        self._cpu.clear()
         self.session = None
 
     def __enter__(self):

@@ -174,7 +174,8 @@ class OrtBackend:
     def _cpu_session(self, kind: str):
         if kind not in self._cpu:
             for unused in set(self._cpu) - self._ran:
-                del self._cpu[unused]
+                if self.session is self._cpu.pop(unused):
+                    self.session = None  # the last reference: its memory goes before the next
             self._cpu[kind] = self._open(PROVIDERS["cpu"], 1 if kind == "shard" else self.threads)
         self._ran.add(kind)
         self.session = self._cpu[kind]

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from export.rewrites import TransposedUpsample, deploy_form
+from export.rewrites import BatchNormAffineGroupNorm, TransposedUpsample, deploy_form
 from tests.conftest import randomized_unet, tiny_model_config
 from training.unet import Upsample
 
@@ -36,12 +36,30 @@ def test_rewrite_refuses_another_conv():
         TransposedUpsample(up)
 
 
-def test_deploy_form_copies_and_the_file_has_no_resize(trained_onnx):
+@pytest.mark.parametrize("groups, channels", [(1, 4), (4, 8), (8, 8)])
+def test_batchnorm_affine_groupnorm_equals_groupnorm(groups, channels):
+    torch.manual_seed(channels)
+    norm = torch.nn.GroupNorm(groups, channels, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, channels, 5, 5, dtype=torch.float64) * 3 + 1
+    got = BatchNormAffineGroupNorm(norm).double()(x)
+    # Only the order of float64 operations can differ.
+    torch.testing.assert_close(got, norm(x), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="affine"):
+        BatchNormAffineGroupNorm(torch.nn.GroupNorm(2, 4, affine=False))
+
+
+def test_deploy_form_copies_and_the_file_carries_the_rewrites(trained_onnx):
     model = randomized_unet(tiny_model_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     deployed = deploy_form(model)
-    assert any(isinstance(m, Upsample) for m in model.modules())
-    assert not any(isinstance(m, Upsample) for m in deployed.modules())
+    kinds = (Upsample, torch.nn.GroupNorm)
+    assert any(isinstance(m, kinds) for m in model.modules())
+    assert not any(isinstance(m, kinds) for m in deployed.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    ops = {n.op_type for n in onnx.load(str(trained_onnx)).graph.node}
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    ops = [n.op_type for n in onnx.load(str(trained_onnx)).graph.node]
     assert "ConvTranspose" in ops and "Resize" not in ops
+    assert ops.count("BatchNormalization") == ops.count("InstanceNormalization") == norms

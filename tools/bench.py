@@ -5,8 +5,9 @@
 
 Each contender runs in its own subprocess, so peak memory is its own and thread pools
 never compete: one untimed network call at the batch size (set-up), then a whole
-sampling loop (respaced DDPM with --steps steps, figures scaled to the full T-step chain). Contenders alternate over --repeats rounds; medians are
-reported. Writes OUT/bench.json and OUT/bench.md.
+sampling loop (respaced DDPM with --steps steps, figures scaled to the full T-step
+chain). Contenders alternate over --repeats rounds; medians are reported. Writes
+OUT/bench.json and OUT/bench.md.
 """
 
 from __future__ import annotations

@@ -102,6 +102,8 @@ def load(path, *, backend: str = "auto", device: str | None = None, threads: int
     """Open a model file: ``.onnx`` runs on ONNX Runtime, ``.plan``/``.engine`` on TensorRT.
 
     ``device`` picks ONNX Runtime's provider ("cpu", "cuda", "tensorrt"; default cpu).
+    ``threads``: CPU threads for ONNX Runtime (default: every core this process may use),
+    spent on one-thread shards of each batch; see :class:`~runtime.backends.ort.OrtBackend`.
     """
     path = Path(path)
     if backend not in BACKENDS:

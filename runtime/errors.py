@@ -1,5 +1,7 @@
 """Errors the runtime raises. Each message is one line: what, where, how to fix."""
 
+import numbers
+
 
 class ModelFileError(ValueError):
     """A model file (ONNX or engine sidecar) is missing, malformed or inconsistent."""
@@ -11,3 +13,10 @@ class BackendUnavailableError(RuntimeError):
 
 class NonFiniteError(FloatingPointError):
     """The network produced NaN or inf during sampling."""
+
+
+def check_int(value, name: str, *, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")

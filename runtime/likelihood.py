@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .errors import check_int
 from .schedule import VARIANCES, Schedule
 
 EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -125,9 +126,7 @@ def bits_per_dim(eps_fn: EpsFn, schedule: Schedule, x0, rng: np.random.Generator
     lo, hi = (float(v) for v in data_range)
     if not lo < hi:
         raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}")
-    if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) \
-            or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
+    check_int(num_levels, "num_levels", minimum=2)
     if not np.all(np.isfinite(x0)) or x0.min() < lo or x0.max() > hi:
         raise ValueError(f"x0 must be finite and lie in the data range [{lo}, {hi}], got "
                          f"values in [{x0.min():.4g}, {x0.max():.4g}]")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError
+from .errors import ModelFileError, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .samplers import SAMPLERS, ImageNoise, sample
@@ -39,8 +39,7 @@ class Pipeline:
                      steps: int | None = None, variance: str = "fixedlarge", eta: float = 0.0,
                      batch_size: int | None = None, progress: bool = True) -> np.ndarray:
         """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
+        check_int(n, "n")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         if variance not in VARIANCES:
@@ -70,8 +69,8 @@ class Pipeline:
         return to_uint8(self.sample_float(n, seed, **kwargs), self.record.data_range)
 
     def _batch_size(self, n: int, requested: int | None) -> int:
-        if requested is not None and (isinstance(requested, bool) or requested < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {requested!r}")
+        if requested is not None:
+            check_int(requested, "batch_size")
         batch = requested or DEFAULT_BATCH
         if self.max_batch is not None:
             batch = min(batch, self.max_batch)

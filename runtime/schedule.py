@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import check_int
+
 VARIANCES = ("fixedlarge", "fixedsmall")
 
 
@@ -79,7 +81,7 @@ class Schedule:
     def linear(cls, num_timesteps: int = 1000, *, beta_start: float = 1e-4,
                beta_end: float = 0.02) -> Schedule:
         """The paper's schedule: betas linear from 1e-4 to 0.02 over T = 1000."""
-        _check_positive_int(num_timesteps, "num_timesteps")
+        check_int(num_timesteps, "num_timesteps")
         betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
         config = {"kind": "linear", "num_timesteps": int(num_timesteps),
                   "beta_start": float(beta_start), "beta_end": float(beta_end)}
@@ -90,7 +92,7 @@ class Schedule:
                max_beta: float = 0.999) -> Schedule:
         """Improved DDPM's cosine schedule: ab(t) = f(t) / f(0),
         f(t) = cos^2((t/T + s) / (1 + s) * pi/2), betas capped at ``max_beta``."""
-        _check_positive_int(num_timesteps, "num_timesteps")
+        check_int(num_timesteps, "num_timesteps")
         steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
         f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
@@ -119,7 +121,7 @@ class Schedule:
         Betas are rebuilt from the kept ``alphas_cumprod`` (Improved DDPM, sec. 4),
         so ``q(x_t | x_0)`` at every kept step is exactly the original one.
         """
-        _check_positive_int(num_steps, "num_steps")
+        check_int(num_steps, "num_steps")
         if num_steps > self.num_timesteps:
             raise ValueError(
                 f"cannot respace {self.num_timesteps} steps to {num_steps}; "
@@ -293,8 +295,3 @@ def _check_like(y, x: np.ndarray, name: str) -> np.ndarray:
     if y.shape != x.shape:
         raise ValueError(f"{name} has shape {y.shape}, expected {x.shape}")
     return y
-
-
-def _check_positive_int(n, name: str) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")

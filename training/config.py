@@ -33,7 +33,7 @@ class ModelConfig:
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
         for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_groups"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if _bad_int(value, minimum=1):
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ModelConfig.ch_mult must be positive integers, got {self.ch_mult}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelFileError
+from ..errors import BackendUnavailableError, ModelFileError, check_int
 from ..metadata import METADATA_KEY, ModelRecord
 
 # What the user asks for -> the execution provider that must end up running it.
@@ -83,8 +83,8 @@ class OrtBackend:
             )
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such model file")
-        if threads is not None and (isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        if threads is not None:
+            check_int(threads, "threads")
         self.device = device
         self._provider_options = [{}] if device == "cpu" else [{"device_id": device_id}]
         self.threads = cpu_count() if threads is None and device == "cpu" else threads

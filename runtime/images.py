@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import atomic_output
 
 
 def to_uint8(x: np.ndarray, data_range=(-1.0, 1.0)) -> np.ndarray:
@@ -46,11 +47,9 @@ def save_png(image: np.ndarray, path) -> Path:
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pil.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        pil.save(tmp, format="PNG")
     return path
 
 

@@ -1,0 +1,75 @@
+"""The one output-writing path: checked before work, atomic, never onto an input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runtime.fileio import (
+    OutputError,
+    atomic_output,
+    check_output,
+    remove_stale_temporaries,
+    temporary_path,
+    write_bytes,
+)
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # no temporary left
+    write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_writer_that_writes_nothing_is_an_error(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(OutputError, match="no file"), atomic_output(target):
+        pass
+    assert not target.exists()
+
+
+def test_check_output_refuses_inputs_folders_and_unwritable_places(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"model")
+    with pytest.raises(OutputError, match="also an input"):
+        check_output(model, inputs=[model], option="-o")
+    with pytest.raises(OutputError, match="also an input"):
+        check_output(tmp_path / "sub" / ".." / "m.onnx", inputs=[model], option="-o")
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path, option="-o")
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OutputError, match="cannot create folder"):
+        check_output(blocker / "x.png", option="-o")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="not writable"):
+            check_output(locked / "x.png", option="-o")
+    assert model.read_bytes() == b"model"
+    assert check_output(tmp_path / "new" / "x.png") == tmp_path / "new" / "x.png"
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = target.with_name(f".{target.name}.{dead_pid}.abc{'.tmp'}")
+    stale.write_bytes(b"x" * 100)
+    mine = temporary_path(target)
+    mine.write_bytes(b"live")
+    other = tmp_path / ".other.pt.1.abc.tmp"
+    other.write_bytes(b"")
+    assert remove_stale_temporaries(target) == [stale]
+    assert mine.exists() and other.exists() and not stale.exists()

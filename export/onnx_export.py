@@ -17,13 +17,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from export.rewrites import REWRITES, deploy_form
+from export.verification import Verification
 from runtime.metadata import METADATA_KEY, ModelRecord, sha256_file
 
 OPSET = 17
@@ -36,25 +36,6 @@ DEFAULT_TOLERANCE = 2e-5
 
 class ExportError(RuntimeError):
     """Export could not produce a verified model file."""
-
-
-@dataclass(frozen=True)
-class Verification:
-    max_abs: float      # max |onnx - torch| over all checked outputs
-    max_rel: float      # max_abs / max |torch|: error relative to the output's scale
-    tolerance: float
-    batch_sizes: tuple[int, ...]
-    scale: float = 0.0  # max |torch|: a zero output would make the comparison vacuous
-
-    @property
-    def ok(self) -> bool:
-        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
-
-    def __str__(self) -> str:
-        verdict = "ok" if self.ok else "FAILED"
-        return (f"verification {verdict}: max abs diff {self.max_abs:.3e}, max rel diff "
-                f"{self.max_rel:.3e} (tolerance {self.tolerance:.0e}), batch sizes "
-                f"{list(self.batch_sizes)}")
 
 
 def count_flops(model: torch.nn.Module, image_shape) -> int:
@@ -88,7 +69,8 @@ def make_record(ckpt: dict, *, sha256: str, weights: str, flops: int) -> ModelRe
 
 
 def to_onnx_bytes(model: torch.nn.Module, record: ModelRecord) -> bytes:
-    """Trace ``model``'s deploy form to ONNX with the DESIGN.md contract and the metadata."""
+    """Trace ``model``'s deploy form to ONNX: inputs x, t, output eps, and the ddpm record
+    (docs/design.md, "The model file")."""
     import onnx
 
     model = deploy_form(model)

@@ -7,7 +7,6 @@ and one line saying what is missing; the ONNX file runs with `python -m runtime`
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,13 +18,6 @@ import click  # noqa: E402
 from export.to_onnx import export_options, run_export  # noqa: E402
 
 EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failures (1)
-
-
-def _onnx_record(onnx_path: Path) -> dict:
-    from runtime.backends.ort import OrtBackend
-
-    with OrtBackend(onnx_path, device="cpu") as backend:
-        return json.loads(backend.record.to_json())
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,10 +47,12 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
     else:
         onnx_path = run_export(source, out.with_suffix(".onnx"), raw_weights, tolerance)
 
-    from export.trt_build import build_engine, trt_available, verify_engine
+    from export.trt_build import build_engine, verify_engine
+    from runtime.backends.ort import read_record
+    from runtime.backends.trt import trt_unavailable_reason
     from runtime.errors import BackendUnavailableError, ModelFileError
 
-    missing = trt_available(device_id)
+    missing = trt_unavailable_reason(device_id)
     if missing is not None:
         click.echo(f"no TensorRT engine built: {missing}. The ONNX model runs with "
                    f"python -m runtime sample {onnx_path}", err=True)
@@ -66,7 +60,7 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
     try:
         build_engine(onnx_path, out, precision=precision, min_batch=min_batch,
                      opt_batch=opt_batch, max_batch=max_batch, workspace_gib=workspace,
-                     timing_cache=timing_cache, record=_onnx_record(onnx_path), device=device_id)
+                     timing_cache=timing_cache, record=read_record(onnx_path), device=device_id)
         # fp32 engines must match ONNX Runtime closely; reduced precision gets a documented
         # looser bound (see tests/test_trt.py for the measured figures).
         limit = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1e-1}[precision]
@@ -75,9 +69,9 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
     except (BackendUnavailableError, ModelFileError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"wrote {out} and {out}.json ({precision}, batch {min_batch}..{max_batch})")
-    click.echo(f"engine vs ONNX Runtime: max abs diff {check['max_abs']:.3e}, max rel diff "
-               f"{check['max_rel']:.3e} (tolerance {limit:.0e})")
-    if not check["ok"]:
+    click.echo(f"engine vs ONNX Runtime: max abs diff {check.max_abs:.3e}, max rel diff "
+               f"{check.max_rel:.3e} (tolerance {limit:.0e})")
+    if not check.ok:
         raise click.ClickException(f"{out}: the engine does not match the ONNX model; "
                                    "do not deploy it")
 

@@ -1,12 +1,12 @@
 """Build a TensorRT 10 engine from the ε-network ONNX file, and check it against ONNX Runtime.
 
 Used by ``export/to_trt.py``. TensorRT, cuda-python and onnxruntime import lazily, so
-this module imports on a machine without them; :func:`trt_available` says what is missing.
+this module imports on a machine without them;
+:func:`runtime.backends.trt.trt_unavailable_reason` says what is missing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -16,19 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from export.verification import Verification
 from runtime.backends import cuda
-from runtime.backends.trt import (
-    PRECISIONS,
-    TRT_INSTALL_HINT,
-    TensorRTBackend,
-    import_tensorrt,
-    read_sidecar,
-    sidecar_path,
-    trt_logger,
-    trt_unavailable_reason,
-)
+from runtime.backends.trt import TRT_INSTALL_HINT, TensorRTBackend, import_tensorrt, trt_logger
 from runtime.errors import BackendUnavailableError, ModelFileError
 from runtime.metadata import ModelRecord
+from runtime.sidecar import PRECISIONS, EngineBuild, EngineSidecar, read_sidecar, write_sidecar
 
 _log = logging.getLogger(__name__)
 
@@ -44,11 +37,6 @@ _FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 _FP32_NAME_TOKENS = ("norm", "reducemean", "pow", "sqrt", "div")
 
 
-def trt_available(device: int = 0) -> str | None:
-    """None when TensorRT and CUDA device ``device`` are usable, else a one-line reason."""
-    return trt_unavailable_reason(device)
-
-
 # === Build ===
 
 
@@ -62,14 +50,15 @@ def build_engine(
     max_batch: int = 64,
     workspace_gib: float | None = None,
     timing_cache: str | Path | None = None,
-    record: dict,
+    record: ModelRecord,
     device: int = 0,
-) -> dict:
+) -> EngineSidecar:
     """Build ``engine_path`` from ``onnx_path``; write it and its sidecar; return the sidecar.
 
-    The sidecar is ``record`` (the ONNX ``ddpm`` metadata, kept opaque) plus a
-    ``tensorrt`` entry. ``timing_cache``: a file reused when present and saved after the
-    build, so rebuilds on the same GPU skip most kernel timing.
+    The sidecar is ``record`` (the ONNX file's, :func:`runtime.backends.ort.read_record`)
+    plus how the engine was built (:mod:`runtime.sidecar`). ``timing_cache``: a file reused
+    when present and saved after the build, so rebuilds on the same GPU skip most kernel
+    timing.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if precision not in PRECISIONS:
@@ -80,8 +69,8 @@ def build_engine(
         )
     if workspace_gib is not None and workspace_gib <= 0:
         raise ValueError(f"workspace_gib must be positive, got {workspace_gib}")
-    if not isinstance(record, dict):
-        raise TypeError(f"record must be the ONNX ddpm metadata dict, got {type(record).__name__}")
+    if not isinstance(record, ModelRecord):
+        raise TypeError(f"record must be the ONNX file's ModelRecord, got {type(record).__name__}")
     if not onnx_path.is_file():
         raise ModelFileError(f"{onnx_path}: ONNX file not found; export the checkpoint first")
 
@@ -125,19 +114,12 @@ def build_engine(
             "try a larger workspace, a smaller max batch, or fp32"
         )
     gpu = cuda.device_info(device)
-    sidecar = {
-        **record,
-        "tensorrt": {
-            "version": str(trt.__version__),
-            "gpu": gpu["name"],
-            "compute_capability": gpu["compute_capability"],
-            "precision": precision,
-            "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        },
-    }
+    built = EngineBuild(version=str(trt.__version__), gpu=gpu["name"],
+                        compute_capability=tuple(gpu["compute_capability"]),
+                        precision=precision, profile=(min_batch, opt_batch, max_batch))
+    sidecar = EngineSidecar(record, built)
     _write_atomic(engine_path, serialized)
-    sidecar_text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-    _write_atomic(sidecar_path(engine_path), sidecar_text.encode("utf-8"))
+    write_sidecar(engine_path, sidecar)
     if cache is not None:
         _write_atomic(Path(timing_cache), cache.serialize())
     return sidecar
@@ -256,12 +238,12 @@ def verify_engine(
     tolerance: float,
     seed: int = 0,
     device: int = 0,
-) -> dict:
+) -> Verification:
     """Run the engine and the ONNX file (ONNX Runtime, CPU) on the same random inputs.
 
-    Returns ``{"max_abs", "max_rel", "ok"}``: max_rel is max_abs over the largest |eps| of
-    the reference, and ok means ``max_abs <= tolerance * max(1, that largest |eps|)``, i.e.
-    an absolute tolerance for unit-scale outputs like eps. Non-finite output fails.
+    max_rel is max_abs over the largest |eps| of the reference, and ok means
+    ``max_abs <= tolerance * max(1, that largest |eps|)``, i.e. an absolute tolerance for
+    unit-scale outputs like eps. Non-finite output fails.
     """
     batch_sizes = [int(b) for b in batch_sizes]
     if not batch_sizes:
@@ -273,8 +255,7 @@ def verify_engine(
             "onnxruntime is not installed, verification needs it: pip install onnxruntime"
         ) from None
     sidecar = read_sidecar(engine_path)
-    record = {k: v for k, v in sidecar.items() if k != "tensorrt"}
-    num_timesteps = ModelRecord.from_dict(record, f"{engine_path} (sidecar)").num_timesteps
+    num_timesteps = sidecar.record.num_timesteps
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     if session.get_providers()[:1] != ["CPUExecutionProvider"]:
         raise RuntimeError(f"ONNX Runtime did not give the CPU provider: {session.get_providers()}")
@@ -296,5 +277,5 @@ def verify_engine(
             max_abs = max(max_abs, float(np.max(np.abs(got - want))))
             ref_scale = max(ref_scale, float(np.max(np.abs(want))))
     max_rel = max_abs / ref_scale if ref_scale > 0 else max_abs
-    ok = bool(max_abs <= tolerance * max(1.0, ref_scale))
-    return {"max_abs": max_abs, "max_rel": max_rel, "ok": ok}
+    return Verification(max_abs, max_rel, tolerance, tuple(batch_sizes), ref_scale,
+                        absolute=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import backends
 from .errors import BackendUnavailableError, ModelFileError, NonFiniteError
 from .samplers import SAMPLERS
 from .schedule import VARIANCES
@@ -24,8 +25,9 @@ def main():
 
 
 def _backend_options(fn):
-    fn = click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto",
-                      show_default=True, help="ort for .onnx, trt for .plan engines")(fn)
+    fn = click.option("--backend", type=click.Choice([backends.AUTO, *backends.names()]),
+                      default=backends.AUTO, show_default=True,
+                      help="auto: by the file's suffix (ort for .onnx, trt for .plan engines)")(fn)
     fn = click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
                       help="ONNX Runtime provider (default cpu)")(fn)
     fn = click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -85,22 +87,17 @@ def sample_cmd(model, n, seed, sampler, steps, variance, eta, batch_size, out, n
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_backend_options
 def info_cmd(model, backend, device, threads):
-    """Print MODEL's metadata, inputs/outputs and the backends available here."""
-    from .backends.ort import available_providers
-    from .pipeline import load
-
+    """Print MODEL's metadata, inputs/outputs and what its backend says about itself."""
     try:
-        with load(model, backend=backend, device=device, threads=threads) as pipe:
-            record = json.loads(pipe.record.to_json())
-            lines = [f"model: {model}", f"backend: {pipe.backend_name}"]
-            session = getattr(pipe.eps_fn, "session", None)
-            if session is not None:
-                for kind, nodes in [("input", session.get_inputs()),
-                                    ("output", session.get_outputs())]:
-                    lines += [f"{kind}: {node.name} {node.type} {node.shape}" for node in nodes]
+        opened = backends.open_backend(model, backend=backend, device=device, threads=threads)
+        try:
+            record = json.loads(opened.record.to_json())
+            lines = [f"model: {model}", f"backend: {opened.name}"]
+            lines += [f"{label}: {text}" for label, text in opened.describe()]
+        finally:
+            opened.close()
     except USER_ERRORS as err:
         raise click.ClickException(str(err)) from None
-    lines.append(f"onnxruntime providers available: {', '.join(available_providers())}")
     lines.append("metadata:")
     lines.append(json.dumps(record, indent=2, sort_keys=True))
     click.echo("\n".join(lines))

@@ -31,7 +31,7 @@ def sha256_file(path) -> str:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """The model file's description of itself (DESIGN.md, "The ε-network file")."""
+    """The model file's description of itself (docs/design.md, "The model file")."""
 
     schedule: dict[str, Any]              # Schedule.config: kind, T and its parameters
     image_shape: tuple[int, int, int]     # (C, H, W) of x and eps

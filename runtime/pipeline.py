@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelFileError, check_int
+from .backends import open_backend
+from .errors import check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .samplers import SAMPLERS, ImageNoise, sample
 from .schedule import VARIANCES
 
-BACKENDS = ("auto", "ort", "trt")
-ENGINE_SUFFIXES = (".plan", ".engine", ".trt")
 DEFAULT_BATCH = 64
 
 
@@ -98,36 +96,14 @@ def _progress_bar(enabled: bool, total: int, desc: str):
 
 def load(path, *, backend: str = "auto", device: str | None = None, threads: int | None = None,
          device_id: int = 0) -> Pipeline:
-    """Open a model file: ``.onnx`` runs on ONNX Runtime, ``.plan``/``.engine`` on TensorRT.
+    """Open a model file with the backend named, or the one its suffix is registered for
+    (``.onnx``: ONNX Runtime; ``.plan``/``.engine``/``.trt``: TensorRT); see runtime.backends.
 
     ``device`` picks ONNX Runtime's provider ("cpu", "cuda", "tensorrt"; default cpu).
     ``threads``: CPU threads for ONNX Runtime (default: every core this process may use),
     spent on one-thread shards of each batch; see :class:`~runtime.backends.ort.OrtBackend`.
     """
-    path = Path(path)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    if backend == "auto":
-        backend = "trt" if path.suffix in ENGINE_SUFFIXES else "ort"
-    if backend == "ort":
-        from .backends.ort import OrtBackend
-
-        ort_backend = OrtBackend(path, device=device or "cpu", threads=threads,
-                                 device_id=device_id)
-        return Pipeline(ort_backend, ort_backend.record, source=str(path),
-                        backend_name=f"onnxruntime:{ort_backend.providers[0]}",
-                        max_batch=ort_backend.max_batch, closer=ort_backend.close)
-    if device not in (None, "cuda"):
-        raise ValueError(f"the TensorRT backend runs on the GPU; device {device!r} is not valid")
-    from .backends.trt import TensorRTBackend, read_sidecar
-
-    sidecar = read_sidecar(path)
-    record = ModelRecord.from_dict({k: v for k, v in sidecar.items() if k != "tensorrt"},
-                                   f"{path} (sidecar)")
-    # The backend checks the sidecar's TensorRT version and GPU against this machine.
-    trt_backend = TensorRTBackend(path, sidecar, device=device_id)
-    return Pipeline(trt_backend, record, source=str(path),
-                    backend_name=f"tensorrt:{sidecar['tensorrt'].get('precision', 'fp32')}",
-                    max_batch=trt_backend.max_batch, closer=trt_backend.close)
+    opened = open_backend(path, backend=backend, device=device, threads=threads,
+                          device_id=device_id)
+    return Pipeline(opened, opened.record, source=str(path), backend_name=opened.name,
+                    max_batch=opened.max_batch, closer=opened.close)

@@ -54,7 +54,6 @@ class Schedule:
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
 
@@ -152,15 +151,6 @@ class Schedule:
         eps = _check_like(eps, x_t, "eps")
         out = (_coef(self.sqrt_recip_alphas_cumprod, idx, x_t) * x_t
                - _coef(self.sqrt_recipm1_alphas_cumprod, idx, x_t) * eps)
-        return out.astype(x_t.dtype, copy=False)
-
-    def predict_eps(self, x_t, t, x0):
-        """The noise that maps x0 to x_t: the inverse of :meth:`predict_x0`."""
-        x_t = _check_array(x_t, "x_t")
-        idx = self._index(t, x_t)
-        x0 = _check_like(x0, x_t, "x0")
-        out = ((_coef(self.sqrt_recip_alphas_cumprod, idx, x_t) * x_t - x0)
-               / _coef(self.sqrt_recipm1_alphas_cumprod, idx, x_t))
         return out.astype(x_t.dtype, copy=False)
 
     def q_posterior(self, x0, x_t, t):

@@ -13,10 +13,11 @@ import pytest
 from onnx import numpy_helper
 
 from export.onnx_export import export_checkpoint, sha256_file, unverified_path, verify_onnx
-from export.trt_build import trt_available
 from runtime.backends.ort import OrtBackend
+from runtime.backends.trt import trt_unavailable_reason
 from runtime.metadata import METADATA_KEY, ModelRecord
-from training.checkpoint import build_model, build_schedule, load_checkpoint
+from runtime.schedule import Schedule
+from training.checkpoint import build_model, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,8 @@ def test_metadata_round_trip(trained_run, trained_onnx):
     assert record.weights == "ema" and record.train_step == ckpt["step"]
     assert record.exporter["opset"] == 17 and record.flops_per_image > 0
     # The runtime rebuilds the training schedule exactly from the record.
-    np.testing.assert_array_equal(record.build_schedule().betas, build_schedule(ckpt).betas)
+    np.testing.assert_array_equal(record.build_schedule().betas,
+                                  Schedule.from_config(ckpt["schedule"]).betas)
 
 
 def test_raw_weights_differ_from_ema(trained_run, tmp_path):
@@ -108,7 +110,7 @@ def test_cli_export_prints_verification(trained_run, tmp_path):
     assert "verification ok" in result.stdout and "max rel diff" in result.stdout
 
 
-@pytest.mark.skipif(trt_available() is None, reason="TensorRT and a GPU are present here")
+@pytest.mark.skipif(trt_unavailable_reason() is None, reason="TensorRT and a GPU are present here")
 def test_to_trt_without_tensorrt_writes_onnx_and_exits_3(trained_run, tmp_path):
     plan = tmp_path / "model.plan"
     result = _cli("to_trt.py", trained_run / "ckpt.pt", "-o", plan)

@@ -11,16 +11,14 @@ Tolerances are measured, not guessed (figures from this 2-core CPU machine):
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 import runtime
 from export.onnx_export import DEFAULT_TOLERANCE, verify_onnx
-from export.trt_build import trt_available
-from runtime.backends.ort import OrtBackend
+from runtime.backends.ort import read_record
+from runtime.backends.trt import trt_unavailable_reason
 from runtime.images import to_uint8
 from runtime.samplers import ImageNoise
 from runtime.schedule import Schedule
@@ -124,17 +122,15 @@ TRT_BOUNDS = {"fp32": (TRAJECTORY_MAX_ABS * 10, 0.01), "fp16": (0.1, 0.10)}
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(trt_available() is not None,
-                    reason=f"needs TensorRT and a CUDA GPU: {trt_available()}")
+@pytest.mark.skipif(trt_unavailable_reason() is not None,
+                    reason=f"needs TensorRT and a CUDA GPU: {trt_unavailable_reason()}")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_trajectory_parity_tensorrt(trained_run, trained_onnx, tmp_path, precision):
     from export.trt_build import build_engine
 
     engine = tmp_path / f"model_{precision}.plan"
-    with OrtBackend(trained_onnx) as backend:
-        record = json.loads(backend.record.to_json())
     build_engine(trained_onnx, engine, precision=precision, min_batch=1, opt_batch=N_IMAGES,
-                 max_batch=N_IMAGES, record=record)
+                 max_batch=N_IMAGES, record=read_record(trained_onnx))
     with runtime.load(engine) as pipe:
         ref, got = _trajectories(trained_run, trained_onnx, "ddpm", None, "fixedlarge", 0.0,
                                  pipe=pipe)

@@ -19,7 +19,6 @@ from training.bridge import schedule_tensors
 from training.checkpoint import (
     CheckpointError,
     build_model,
-    build_schedule,
     load_checkpoint,
     save_checkpoint,
 )
@@ -91,7 +90,8 @@ def test_checkpoint_round_trip(digits, tmp_path):
     assert TrainConfig.from_dict(ckpt["train_config"]) == TINY_TRAIN
     assert ckpt["schedule"] == {"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4,
                                 "beta_end": 0.02}
-    np.testing.assert_array_equal(build_schedule(ckpt).betas, TINY_TRAIN.schedule().betas)
+    np.testing.assert_array_equal(Schedule.from_config(ckpt["schedule"]).betas,
+                                  TINY_TRAIN.schedule().betas)
     assert ckpt["data"] == {"name": "digits", "spec": "digits", "image_shape": [1, 8, 8],
                             "data_range": [-1.0, 1.0], "num_levels": 17}
     assert {"torch", "cuda", "numpy"} <= set(ckpt["rng"])

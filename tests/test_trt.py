@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.trt_build import build_engine, keep_in_fp32, trt_available, verify_engine
+from export.trt_build import build_engine, keep_in_fp32, verify_engine
 from runtime.backends import cuda
 from runtime.backends.cuda import CudaError, check
-from runtime.backends.trt import TensorRTBackend, check_sidecar, read_sidecar, sidecar_path
+from runtime.backends.trt import TensorRTBackend, check_sidecar, trt_unavailable_reason
 from runtime.errors import BackendUnavailableError, ModelFileError
 from runtime.metadata import ModelRecord
 from runtime.schedule import Schedule
+from runtime.sidecar import EngineSidecar, read_sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = (1, 8, 8)
@@ -84,7 +85,7 @@ def test_missing_tensorrt_is_one_line(monkeypatch):
         TensorRTBackend("model.plan", {})
     assert "TensorRT is not installed" in _one_line(info.value)
     assert "pip install" in str(info.value)
-    assert "TensorRT is not installed" in trt_available()
+    assert "TensorRT is not installed" in trt_unavailable_reason()
     with pytest.raises(BackendUnavailableError):
         check_sidecar(_sidecar(), "model.plan")  # live values need TensorRT
 
@@ -100,7 +101,7 @@ def test_modules_import_without_tensorrt_cuda_or_torch():
     assert out.stdout.strip() == "[]"
 
 
-# === Sidecars: real dicts, live values injected ===
+# === The sidecar against this machine: live values injected ===
 
 
 def _sidecar(**tensorrt):
@@ -112,40 +113,7 @@ def _sidecar(**tensorrt):
         "profile": {"min": 1, "opt": 4, "max": 8},
     }
     info.update(tensorrt)
-    return {"format_version": 1, "schedule": {"T": 1000}, "tensorrt": info}
-
-
-def test_read_sidecar_round_trip(tmp_path):
-    engine = tmp_path / "model.plan"
-    sidecar_path(engine).write_text(json.dumps(_sidecar()))
-    assert sidecar_path(engine).name == "model.plan.json"
-    assert read_sidecar(engine) == _sidecar()
-
-
-def test_read_sidecar_missing_names_the_expected_path(tmp_path):
-    engine = tmp_path / "model.plan"
-    with pytest.raises(ModelFileError) as info:
-        read_sidecar(engine)
-    assert str(sidecar_path(engine)) in _one_line(info.value)
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("{not json", "not valid JSON"),
-        ("[1, 2]", "not a JSON object"),
-        (json.dumps({"schedule": {}}), '"tensorrt"'),
-        (json.dumps(_sidecar(precision="int8")), "precision"),
-        (json.dumps(_sidecar(profile={"min": 4, "opt": 2, "max": 8})), "profile"),
-        (json.dumps(_sidecar(compute_capability="9.0")), "compute_capability"),
-    ],
-)
-def test_read_sidecar_rejects_malformed(tmp_path, text, message):
-    engine = tmp_path / "model.plan"
-    sidecar_path(engine).write_text(text)
-    with pytest.raises(ModelFileError) as info:
-        read_sidecar(engine)
-    assert message in _one_line(info.value) and "model.plan.json" in str(info.value)
+    return EngineSidecar.from_dict({**tiny_record(), "tensorrt": info}, "model.plan.json")
 
 
 HERE = {"trt_version": "10.16.1.11", "gpu_name": "NVIDIA H200", "compute_capability": (9, 0)}
@@ -190,8 +158,9 @@ def test_build_engine_rejects_bad_arguments(tmp_path, kwargs):
 
 
 def test_build_engine_missing_onnx(tmp_path):
+    record = ModelRecord.from_dict(tiny_record(), "tiny")
     with pytest.raises(ModelFileError, match="m.onnx"):
-        build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", record={})
+        build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", record=record)
 
 
 def _fake_trt_enums():
@@ -294,7 +263,7 @@ def test_tiny_onnx_runs_in_onnxruntime(tmp_path):
 
 def needs_trt(test):
     """Mark a test as GPU-only (tools/gpu_check.sh runs these) and skip it with the reason."""
-    reason = trt_available()
+    reason = trt_unavailable_reason()
     test = pytest.mark.gpu(test)
     skip = pytest.mark.skipif(reason is not None, reason=f"needs TensorRT and a CUDA GPU: {reason}")
     return skip(test)
@@ -315,7 +284,7 @@ def test_engine_matches_onnxruntime(tmp_path, precision):
     onnx_path = make_tiny_onnx(tmp_path / "tiny.onnx")
     engine = tmp_path / "tiny.plan"
     cache = tmp_path / "timing.cache"
-    record = tiny_record()
+    record = ModelRecord.from_dict(tiny_record(), "tiny")
     sidecar = build_engine(
         onnx_path,
         engine,
@@ -326,11 +295,11 @@ def test_engine_matches_onnxruntime(tmp_path, precision):
         timing_cache=cache,
         record=record,
     )
-    assert read_sidecar(engine) == sidecar and sidecar["schedule"] == record["schedule"]
-    assert sidecar["tensorrt"]["precision"] == precision and cache.stat().st_size > 0
+    assert read_sidecar(engine) == sidecar and sidecar.record == record
+    assert sidecar.engine.precision == precision and cache.stat().st_size > 0
     check_sidecar(sidecar, engine)
     report = verify_engine(engine, onnx_path, batch_sizes=[1, 3, 8], tolerance=TOLERANCE[precision])
-    assert report["ok"], report
+    assert report.ok, report
     with TensorRTBackend(engine, sidecar) as backend:
         assert (backend.min_batch, backend.max_batch, backend.image_shape) == (1, 8, IMAGE)
         with pytest.raises(ValueError, match="outside the profile"):
@@ -345,4 +314,4 @@ def test_engine_matches_onnxruntime(tmp_path, precision):
         timing_cache=cache,
         record=record,
     )
-    assert again["tensorrt"] == sidecar["tensorrt"]
+    assert again.engine == sidecar.engine

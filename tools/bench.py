@@ -13,7 +13,6 @@ OUT/bench.json and OUT/bench.md.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -28,6 +27,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
+
+from runtime.cpus import cpu_count  # noqa: E402
 
 CONTENDERS = ("torch", "diffusers", "ort_cpu", "ort_cuda", "trt_fp32", "trt_fp16", "torch_cuda")
 BASELINE = "torch"
@@ -154,7 +155,7 @@ def machine() -> str:
         models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                   if line.startswith("model name")]
         name = models[0] if models else name
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    return f"{name}, {cpu_count()} cores"
 
 
 def _time(fn) -> float:
@@ -235,17 +236,17 @@ def available(contender: str) -> str | None:
         ok = "CUDAExecutionProvider" in available_providers()
         return None if ok else "onnxruntime-gpu's CUDA provider is not available"
     if contender.startswith("trt"):
-        from export.trt_build import trt_available
+        from runtime.backends.trt import trt_unavailable_reason
 
-        return trt_available()
+        return trt_unavailable_reason()
     return None
 
 
 def build_engines(model_dir: Path, batch: int) -> None:
-    from export.to_trt import _onnx_record
     from export.trt_build import build_engine
+    from runtime.backends.ort import read_record
 
-    record = _onnx_record(model_dir / "model.onnx")
+    record = read_record(model_dir / "model.onnx")
     for precision in ("fp32", "fp16"):
         build_engine(model_dir / "model.onnx", model_dir / f"model_{precision}.plan",
                      precision=precision, min_batch=1, opt_batch=batch, max_batch=batch,

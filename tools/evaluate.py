@@ -47,6 +47,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from runtime.cpus import cpu_count
+
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_LEVELS = 17
 FD_SET_SIZE = 500        # at most N images in each of the two disjoint real halves
@@ -594,7 +596,7 @@ def steps_markdown(table: dict, baselines: dict, n: int) -> str:
                      f"real (floor) {baselines['real_vs_real']:.2f} ± "
                      f"{baselines['real_vs_real_std']:.2f}, Gaussian fitted to the pixels "
                      f"{baselines['gaussian']:.2f} ± {baselines['gaussian_std']:.2f}.")
-    lines.append(f"images/s: {table['timing']}, on {os.cpu_count()} CPU cores (ONNX Runtime).")
+    lines.append(f"images/s: {table['timing']}, on {cpu_count()} CPU cores (ONNX Runtime).")
     rec = table.get("recommended")
     if rec:
         lines.append(f"Recommended: {rec['sampler'].upper()} with {rec['steps']} steps, FD "
@@ -683,7 +685,7 @@ def environment() -> dict:
     import onnxruntime
 
     return {"python": platform.python_version(), "numpy": np.__version__,
-            "onnxruntime": onnxruntime.__version__, "cpu_count": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "cpu_count": cpu_count(),
             "machine": platform.machine(), "command": " ".join(sys.argv)}
 
 

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from runtime.schedule import Schedule
-
 from .config import ModelConfig
 from .unet import UNet
 
@@ -111,8 +109,3 @@ def build_model(ckpt: dict[str, Any], weights: str = "ema") -> UNet:
     model = UNet(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["ema" if weights == "ema" else "model"])
     return model.eval()
-
-
-def build_schedule(ckpt: dict[str, Any]) -> Schedule:
-    """The training schedule recorded in the checkpoint (the runtime's numpy Schedule)."""
-    return Schedule.from_config(ckpt["schedule"])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from runtime.cpus import cpu_count
+
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used here (one-line message)."""
@@ -68,8 +70,7 @@ def set_cpu_threads(info: DistInfo, threads: int | None = None) -> int:
     if threads is None:
         if "OMP_NUM_THREADS" in os.environ:
             return torch.get_num_threads()  # the user (or torchrun) chose; respect it
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
+        cores = cpu_count()
         share = max(1, cores // info.local_world_size)
         threads = max(1, share - 1) if info.local_world_size == 1 else share
     torch.set_num_threads(threads)

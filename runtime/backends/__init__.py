@@ -1,1 +1,141 @@
-"""Backends that evaluate the ε-network: ONNX Runtime and TensorRT."""
+"""Backends evaluate the ε-network of a model file; this module is their contract and registry.
+
+A backend is one module in this package that defines a class following :class:`Backend`
+and registers an opener for it with :func:`register`, under a short name (``--backend``)
+and the file suffixes it reads. ``runtime.load`` is a lookup here: the name when one is
+given, else the file's suffix. Modules are imported on the first lookup, and each imports
+its engine (ONNX Runtime, TensorRT, ...) only when a model is opened. See
+docs/contributing.md, "Add a backend".
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import ModelFileError
+
+if TYPE_CHECKING:
+    from ..metadata import ModelRecord
+
+AUTO = "auto"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the pipeline and ``runtime info`` need from an opened model file."""
+
+    name: str                # for reports: "onnxruntime:CPUExecutionProvider", "tensorrt:fp16"
+    record: ModelRecord      # the file's ddpm record, validated by runtime.metadata
+    max_batch: int | None    # the largest batch one call takes; None: any
+
+    def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """ε for float32 ``x`` [B, C, H, W] at float32 timesteps ``t`` [B] (T-step indices)."""
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(label, text) lines about the file and the engine running it, for ``runtime info``."""
+
+    def close(self) -> None:
+        """Release sessions, device memory and threads; safe to call twice."""
+
+
+# opener(path, *, device, threads, device_id) -> Backend; each checks the options it takes.
+Opener = Callable[..., Backend]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    suffixes: tuple[str, ...]
+    opener: Opener
+
+
+_REGISTRY: dict[str, Entry] = {}
+_discovered = False
+
+
+def register(name: str, *, suffixes: Iterable[str]) -> Callable[[Opener], Opener]:
+    """Decorator: ``@register("ort", suffixes=(".onnx",))`` on the backend's opener."""
+    suffixes = tuple(s.lower() for s in suffixes)
+    if not name or name == AUTO or not all(s.startswith(".") for s in suffixes):
+        raise ValueError(f"backend name {name!r} or suffixes {suffixes} not valid: a name other "
+                         "than 'auto' and suffixes like '.onnx'")
+
+    def decorate(opener: Opener) -> Opener:
+        old = _REGISTRY.get(name)
+        if old is not None and _qualname(old.opener) != _qualname(opener):
+            raise ValueError(f"backend {name!r} is already registered by {_qualname(old.opener)}")
+        for other in _REGISTRY.values():
+            taken = set(other.suffixes) & set(suffixes)
+            if other.name != name and taken:
+                raise ValueError(f"backend {name!r}: suffix {sorted(taken)[0]} already belongs "
+                                 f"to backend {other.name!r}")
+        _REGISTRY[name] = Entry(name, suffixes, opener)
+        return opener
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove a backend (tests that register their own call this when done)."""
+    _REGISTRY.pop(name, None)
+
+
+def _qualname(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _discover() -> None:
+    """Import every module of this package once: each registers the backend it defines."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def entries() -> dict[str, Entry]:
+    """Registered backends by name."""
+    _discover()
+    return dict(_REGISTRY)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(entries()))
+
+
+def _suffix_table() -> str:
+    return ", ".join(f"{'/'.join(e.suffixes)} ({e.name})" for e in entries().values())
+
+
+def lookup(path, backend: str = AUTO) -> Entry:
+    """The backend for ``path``: ``backend`` by name, or by the file's suffix for ``auto``."""
+    table = entries()
+    if backend != AUTO:
+        if backend not in table:
+            raise ValueError(f"unknown backend {backend!r}; expected one of "
+                             f"{', '.join((AUTO, *sorted(table)))}")
+        return table[backend]
+    suffix = Path(path).suffix.lower()
+    for entry in table.values():
+        if suffix in entry.suffixes:
+            return entry
+    raise ModelFileError(f"{path}: no backend reads {suffix or 'files without a suffix'!r}; "
+                         f"known: {_suffix_table()}; rename the file or pass --backend")
+
+
+def open_backend(path, *, backend: str = AUTO, device: str | None = None,
+                 threads: int | None = None, device_id: int = 0) -> Backend:
+    """Open ``path`` with the backend named, or the one its suffix maps to."""
+    entry = lookup(path, backend) if backend != AUTO else None  # a bad name before a bad path
+    if not Path(path).is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    entry = entry or lookup(path)
+    return entry.opener(Path(path), device=device, threads=threads, device_id=device_id)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from ..cpus import cpu_count
 from ..errors import BackendUnavailableError, ModelFileError, check_int
 from ..metadata import METADATA_KEY, ModelRecord
+from . import register
 
 # What the user asks for -> the execution provider that must end up running it.
 PROVIDERS = {
@@ -42,15 +43,8 @@ def available_providers() -> list[str]:
     return list(_import_ort().get_available_providers())
 
 
-def cpu_count() -> int:
-    """Cores this process may run on (its affinity mask, where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 class OrtBackend:
-    """An ONNX Runtime session over a model file that follows the DESIGN.md contract.
+    """An ONNX Runtime session over an ε-network file (docs/design.md, "The model file").
 
     Inputs ``x`` float32 [B, C, H, W] and ``t`` float32 [B]; output ``eps``.
     ``device`` picks one execution provider explicitly; if ONNX Runtime cannot give
@@ -98,6 +92,7 @@ class OrtBackend:
             )
         self.max_batch: int | None = None  # the batch axis is dynamic
         self.providers = running
+        self.name = f"onnxruntime:{running[0]}"
         self.record = ModelRecord.from_json(
             self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), str(self.path)
         )
@@ -153,6 +148,16 @@ class OrtBackend:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.record.image_shape
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The file's inputs and outputs as ONNX Runtime reads them, and the providers here."""
+        lines = []
+        for kind, nodes in [("input", self.session.get_inputs()),
+                            ("output", self.session.get_outputs())]:
+            lines += [(kind, f"{node.name} {node.type} {node.shape}") for node in nodes]
+        lines.append(("threads", str(self.threads) if self.threads else "ONNX Runtime's default"))
+        lines.append(("onnxruntime providers available", ", ".join(available_providers())))
+        return lines
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         # ONNX Runtime accepts some wrong shapes silently: check before run.
@@ -215,3 +220,16 @@ class OrtBackend:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@register("ort", suffixes=(".onnx",))
+def open_onnx(path, *, device: str | None = None, threads: int | None = None,
+              device_id: int = 0) -> OrtBackend:
+    """``device``: ONNX Runtime's provider, "cpu" (default), "cuda" or "tensorrt"."""
+    return OrtBackend(path, device=device or "cpu", threads=threads, device_id=device_id)
+
+
+def read_record(path) -> ModelRecord:
+    """The validated ``ddpm`` record of an ONNX model file, as the runtime reads it."""
+    with OrtBackend(path, device="cpu", threads=1) as backend:
+        return backend.record

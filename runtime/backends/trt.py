@@ -8,12 +8,12 @@ Torch-free. Lifecycle, in the order the constructor runs it:
 
 An engine carries no metadata, so it travels with a JSON sidecar ``<engine>.json``: the
 ONNX file's ``ddpm`` record plus a ``tensorrt`` entry saying which TensorRT version and
-GPU built it (see :func:`read_sidecar`). tensorrt and cuda-python import lazily.
+GPU built it (:mod:`runtime.sidecar` owns that format). tensorrt and cuda-python import
+lazily.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ModelFileError
-from . import cuda
+from ..sidecar import REBUILD_HINT, EngineSidecar, read_sidecar
+from . import cuda, register
 
 _log = logging.getLogger(__name__)
 
 INPUTS = ("x", "t")
 OUTPUT = "eps"
-PRECISIONS = ("fp32", "fp16", "bf16")
 TRT_INSTALL_HINT = "pip install 'tensorrt>=10,<11', or the project extra: pip install .[trt]"
-REBUILD_HINT = "rebuild it with python export/to_trt.py MODEL.onnx on this machine"
 
 
 # === Lazy import and availability ===
@@ -71,64 +70,11 @@ def trt_unavailable_reason(device: int = 0) -> str | None:
     return cuda.gpu_unavailable_reason(device)
 
 
-# === Sidecar ===
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    """``model.plan`` -> ``model.plan.json``."""
-    return Path(f"{engine_path}.json")
-
-
-def _validate_sidecar(sidecar: Any, where: str | Path) -> dict:
-    def bad(what: str) -> ModelFileError:
-        return ModelFileError(f"{where}: engine sidecar {what}; {REBUILD_HINT}")
-
-    if not isinstance(sidecar, dict):
-        raise bad("is not a JSON object")
-    info = sidecar.get("tensorrt")
-    if not isinstance(info, dict):
-        raise bad('has no "tensorrt" object')
-    for key in ("version", "gpu"):
-        if not isinstance(info.get(key), str):
-            raise bad(f'has no string "tensorrt.{key}"')
-    cc = info.get("compute_capability")
-    if not (isinstance(cc, list) and len(cc) == 2 and all(isinstance(v, int) for v in cc)):
-        raise bad('has no "tensorrt.compute_capability" [major, minor]')
-    if info.get("precision") not in PRECISIONS:
-        raise bad(f'"tensorrt.precision" is {info.get("precision")!r}, not one of {PRECISIONS}')
-    profile = info.get("profile")
-    keys = ("min", "opt", "max")
-    if not (isinstance(profile, dict) and all(isinstance(profile.get(k), int) for k in keys)):
-        raise bad('has no "tensorrt.profile" with integer min, opt and max')
-    if not 1 <= profile["min"] <= profile["opt"] <= profile["max"]:
-        raise bad(f'"tensorrt.profile" {profile} is not 1 <= min <= opt <= max')
-    return sidecar
-
-
-def read_sidecar(engine_path: str | Path) -> dict:
-    """Read and validate ``<engine>.json``; one-line ModelFileError naming that path if not."""
-    path = sidecar_path(engine_path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelFileError(
-            f"{path}: engine sidecar not found; it must sit next to {Path(engine_path).name} "
-            f"(export/to_trt.py writes both): copy it along, or {REBUILD_HINT}"
-        ) from None
-    except OSError as exc:
-        raise ModelFileError(f"{path}: cannot read the engine sidecar ({exc.strerror})") from None
-    try:
-        sidecar = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(
-            f"{path}: engine sidecar is not valid JSON (line {exc.lineno}: {exc.msg}); "
-            f"{REBUILD_HINT}"
-        ) from None
-    return _validate_sidecar(sidecar, path)
+# === The engine against this machine ===
 
 
 def check_sidecar(
-    sidecar: dict,
+    sidecar: EngineSidecar,
     engine_path: str | Path,
     *,
     trt_version: str | None = None,
@@ -141,7 +87,7 @@ def check_sidecar(
     A plan file only runs on the TensorRT version and GPU model that built it. The live
     values are queried when not given (given, the check needs no TensorRT or GPU).
     """
-    info = _validate_sidecar(sidecar, sidecar_path(engine_path))["tensorrt"]
+    info = sidecar.engine
     if trt_version is None:
         trt_version = str(import_tensorrt().__version__)
     if gpu_name is None or compute_capability is None:
@@ -150,15 +96,15 @@ def check_sidecar(
         gpu_name = live["name"] if gpu_name is None else gpu_name
         if compute_capability is None:
             compute_capability = live["compute_capability"]
-    built_cc = [int(v) for v in info["compute_capability"]]
+    built_cc = [int(v) for v in info.compute_capability]
     here_cc = [int(v) for v in compute_capability]
 
     problems = []
-    if info["version"] != trt_version:
-        problems.append(f"TensorRT {info['version']} (installed: {trt_version})")
-    if info["gpu"] != gpu_name or built_cc != here_cc:
+    if info.version != trt_version:
+        problems.append(f"TensorRT {info.version} (installed: {trt_version})")
+    if info.gpu != gpu_name or built_cc != here_cc:
         problems.append(
-            f"{info['gpu']} sm_{built_cc[0]}{built_cc[1]} "
+            f"{info.gpu} sm_{built_cc[0]}{built_cc[1]} "
             f"(this GPU: {gpu_name} sm_{here_cc[0]}{here_cc[1]})"
         )
     if problems:
@@ -178,7 +124,7 @@ class TensorRTBackend:
     Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, engine_path: str | Path, sidecar: dict, device: int = 0):
+    def __init__(self, engine_path: str | Path, sidecar: EngineSidecar, device: int = 0):
         self.engine_path = Path(engine_path)
         self.device = int(device)
         self.sidecar = sidecar
@@ -188,6 +134,8 @@ class TensorRTBackend:
         self._trt = import_tensorrt()
         cuda.require_gpu(self.device)
         check_sidecar(sidecar, self.engine_path, device=self.device)
+        self.record = sidecar.record
+        self.name = f"tensorrt:{sidecar.engine.precision}"
 
         self._runtime = None
         self._engine = None
@@ -266,10 +214,10 @@ class TensorRTBackend:
                 f"{where}: engine profiles for x (batch {x_min[0]}..{x_max[0]}) and t "
                 f"(batch {t_min[0]}..{t_max[0]}) differ; {REBUILD_HINT}"
             )
-        profile = self.sidecar["tensorrt"]["profile"]
-        if (profile["min"], profile["max"]) != (self.min_batch, self.max_batch):
+        built = self.sidecar.engine
+        if (built.min_batch, built.max_batch) != (self.min_batch, self.max_batch):
             raise ModelFileError(
-                f"{where}: sidecar says batch {profile['min']}..{profile['max']} but the "
+                f"{where}: sidecar says batch {built.min_batch}..{built.max_batch} but the "
                 f"engine has {self.min_batch}..{self.max_batch}, so they do not belong "
                 f"together; {REBUILD_HINT}"
             )
@@ -333,6 +281,20 @@ class TensorRTBackend:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
 
+    def describe(self) -> list[tuple[str, str]]:
+        """The engine's tensors, batch profile and the TensorRT and GPU that built it."""
+        built = self.sidecar.engine
+        c, h, w = self.image_shape
+        return [
+            ("input", f"x float32 [B, {c}, {h}, {w}]"),
+            ("input", "t float32 [B]"),
+            ("output", f"eps float32 [B, {c}, {h}, {w}]"),
+            ("batch", f"{self.min_batch}..{self.max_batch} (optimised for {built.profile[1]})"),
+            ("built by", f"TensorRT {built.version} for {built.gpu} "
+                         f"sm_{built.compute_capability[0]}{built.compute_capability[1]}"),
+            ("device", f"CUDA device {self.device}"),
+        ]
+
     # --- inference ---
 
     def _check_inputs(self, x: Any, t: Any) -> int:
@@ -389,3 +351,13 @@ class TensorRTBackend:
         # Note: a CPU-GPU sync point; eps (and the lifetime of x, t) is safe only after it.
         cuda.stream_synchronize(self._stream)
         return eps
+
+
+@register("trt", suffixes=(".plan", ".engine", ".trt"))
+def open_engine(path, *, device: str | None = None, threads: int | None = None,
+                device_id: int = 0) -> TensorRTBackend:
+    """A TensorRT engine with its sidecar; it runs on CUDA device ``device_id``."""
+    if device not in (None, "cuda"):
+        raise ValueError(f"the TensorRT backend runs on the GPU; device {device!r} is not valid")
+    # The backend checks the sidecar's TensorRT version and GPU against this machine.
+    return TensorRTBackend(path, read_sidecar(path), device=device_id)

@@ -1,4 +1,7 @@
-"""`python export/to_onnx.py CKPT [-o model.onnx]`: a verified, self-describing ONNX file."""
+"""`python export/to_onnx.py CKPT [-o model.onnx]`: a verified, self-describing ONNX file.
+
+Also runs as a module: `python -m export.to_onnx`.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """`python export/to_trt.py CKPT|MODEL.onnx [-o model.plan]`: ONNX, then a TensorRT engine.
 
+Also runs as a module: `python -m export.to_trt`.
+
 From a checkpoint it first writes and verifies the ONNX file (beside the engine).
 Where TensorRT or a GPU is missing it stops after the ONNX file with exit code 3
 and one line saying what is missing; the ONNX file runs with `python -m runtime`.

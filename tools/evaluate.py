@@ -44,10 +44,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-import numpy as np
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.cpus import cpu_count
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+from runtime.cpus import cpu_count  # noqa: E402
 
 DIGITS_SHAPE = (1, 8, 8)
 DIGITS_LEVELS = 17

@@ -1,5 +1,7 @@
 """Train the DDPM epsilon-network: `python training/train.py` (digits, CPU, ~15 minutes).
 
+Also runs as a module: `python -m training.train`.
+
 Multi-GPU / multi-node: `torchrun --nproc_per_node N training/train.py --preset cifar10 ...`.
 """
 
@@ -9,8 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-if not __package__:
-    # Run as a file (`python training/train.py`): make `training` and `runtime` importable.
+if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402

@@ -302,6 +302,8 @@ def test_engine_matches_onnxruntime(tmp_path, precision):
     assert report.ok, report
     with TensorRTBackend(engine, sidecar) as backend:
         assert (backend.min_batch, backend.max_batch, backend.image_shape) == (1, 8, IMAGE)
+        assert backend.name == f"tensorrt:{precision}" and backend.record == record
+        assert ("batch", "1..8 (optimised for 4)") in backend.describe()
         with pytest.raises(ValueError, match="outside the profile"):
             backend(np.zeros((9, *IMAGE), np.float32), np.zeros(9, np.float32))
     # A second build reuses the saved timing cache.

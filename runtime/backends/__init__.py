@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class Entry:
 
 _REGISTRY: dict[str, Entry] = {}
 _discovered = False
+_discovery_lock = threading.Lock()  # two threads loading models must not see half a registry
 
 
 def register(name: str, *, suffixes: Iterable[str]) -> Callable[[Opener], Opener]:
@@ -94,11 +96,12 @@ def _qualname(fn) -> str:
 def _discover() -> None:
     """Import every module of this package once: each registers the backend it defines."""
     global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    with _discovery_lock:
+        if _discovered:
+            return
+        for module in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{module.name}")
+        _discovered = True
 
 
 def entries() -> dict[str, Entry]:

@@ -201,6 +201,7 @@ def random_checkpoint(preset_name: str) -> dict:
     """A checkpoint of the preset's network with random (not zero-initialised) weights."""
     import torch
 
+    from training.checkpoint import make_checkpoint
     from training.config import preset
     from training.unet import UNet
 
@@ -211,13 +212,12 @@ def random_checkpoint(preset_name: str) -> dict:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     state = model.state_dict()
-    return {"format_version": 1, "model_config": model_cfg.to_dict(),
-            "train_config": train_cfg.to_dict(), "schedule": train_cfg.schedule().config,
-            "data": {"name": preset_name, "image_shape": [model_cfg.in_channels,
-                                                          model_cfg.image_size,
-                                                          model_cfg.image_size],
-                     "data_range": [-1.0, 1.0], "num_levels": 256},
-            "step": 0, "model": state, "ema": state}
+    shape = [model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size]
+    return make_checkpoint(model_config=model_cfg.to_dict(), train_config=train_cfg.to_dict(),
+                           schedule=train_cfg.schedule().config,
+                           data={"name": preset_name, "image_shape": shape,
+                                 "data_range": [-1.0, 1.0], "num_levels": 256},
+                           step=0, model=state, ema=state)
 
 
 def available(contender: str) -> str | None:

@@ -26,6 +26,18 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, unsafe or not one of ours (one-line message)."""
 
 
+def make_checkpoint(*, model_config: dict, train_config: dict, schedule: dict, data: dict,
+                    step: int, model: dict, ema: dict, **run_state: Any) -> dict[str, Any]:
+    """A checkpoint in this module's format (docs/design.md, "Checkpoint").
+
+    ``data``: name, spec, image_shape, data_range, num_levels. ``run_state``: what an exact
+    resume also needs (optimizer, rng, world_size, elapsed_s, torch_version).
+    """
+    return {"format_version": FORMAT_VERSION, "model_config": model_config,
+            "train_config": train_config, "schedule": schedule, "data": data, "step": step,
+            "model": model, "ema": ema, **run_state}
+
+
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` to ``path`` so that a crash leaves either the old file or the new one.
 

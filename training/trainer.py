@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .bridge import schedule_tensors
-from .checkpoint import FORMAT_VERSION, save_checkpoint
+from .checkpoint import make_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import Dataset, to_unit_range
 from .diffusion import loss_simple
@@ -94,24 +94,22 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: plain data and tensors only (loads with weights_only=True)."""
-        cfg = self.config
-        return {
-            "format_version": FORMAT_VERSION,
-            "model_config": self.model_config.to_dict(),
-            "train_config": cfg.to_dict(),
-            "schedule": dict(self.schedule.config),
-            "data": {"name": self.dataset.name, "spec": self.dataset.spec,
-                     "image_shape": list(self.dataset.image_shape), "data_range": [-1.0, 1.0],
-                     "num_levels": self.dataset.num_levels},
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": _rng_state(),
-            "world_size": self.info.world_size,
-            "elapsed_s": self.elapsed_s,
-            "torch_version": str(torch.__version__),
-        }
+        return make_checkpoint(
+            model_config=self.model_config.to_dict(),
+            train_config=self.config.to_dict(),
+            schedule=dict(self.schedule.config),
+            data={"name": self.dataset.name, "spec": self.dataset.spec,
+                  "image_shape": list(self.dataset.image_shape), "data_range": [-1.0, 1.0],
+                  "num_levels": self.dataset.num_levels},
+            step=self.step,
+            model=self.model.state_dict(),
+            ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            rng=_rng_state(),
+            world_size=self.info.world_size,
+            elapsed_s=self.elapsed_s,
+            torch_version=str(torch.__version__),
+        )
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
         """Continue from a checkpoint (call before fit)."""

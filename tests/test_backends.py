@@ -176,6 +176,37 @@ def test_info_prints_what_the_backend_describes(point_mass):
     assert record["image_shape"] == [2, 3, 3] and OPENED[-1].closed == 1
 
 
+class Undescribed:
+    """Evaluates ε and closes, but cannot describe itself: not a backend."""
+
+    def __init__(self, path):
+        inner = PointMassBackend(path)
+        self.name, self.record, self.max_batch = inner.name, inner.record, inner.max_batch
+        self.eps, self.closed = inner, 0
+
+    def __call__(self, x, t):
+        return self.eps(x, t)
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_backend_that_breaks_the_contract_is_named(point_mass):
+    opened = []
+
+    def open_undescribed(path, **options):
+        opened.append(Undescribed(path))
+        return opened[-1]
+
+    backends.unregister("pointmass")
+    backends.register("pointmass", suffixes=(POINT_MASS_SUFFIX,))(open_undescribed)
+    with pytest.raises(TypeError) as info:
+        runtime.load(point_mass)
+    text = _one_line(info.value)
+    assert "'pointmass'" in text and "without describe;" in text
+    assert opened[-1].closed == 1  # what was opened is released
+
+
 # === describe() of the ONNX Runtime backend, and `runtime info` ===
 
 

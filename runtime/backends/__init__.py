@@ -46,6 +46,8 @@ class Backend(Protocol):
         """Release sessions, device memory and threads; safe to call twice."""
 
 
+CONTRACT = ("name", "record", "max_batch", "describe", "close")
+
 # opener(path, *, device, threads, device_id) -> Backend; each checks the options it takes.
 Opener = Callable[..., Backend]
 
@@ -141,4 +143,12 @@ def open_backend(path, *, backend: str = AUTO, device: str | None = None,
     if not Path(path).is_file():
         raise ModelFileError(f"{path}: no such model file")
     entry = entry or lookup(path)
-    return entry.opener(Path(path), device=device, threads=threads, device_id=device_id)
+    opened = entry.opener(Path(path), device=device, threads=threads, device_id=device_id)
+    missing = [m for m in CONTRACT if not hasattr(opened, m)]
+    if missing or not callable(opened):
+        if callable(getattr(opened, "close", None)):
+            opened.close()
+        lacks = ", ".join(missing + ([] if callable(opened) else ["__call__"]))
+        raise TypeError(f"backend {entry.name!r} ({_qualname(entry.opener)}) returned a "
+                        f"{type(opened).__name__} without {lacks}; see runtime.backends.Backend")
+    return opened

@@ -24,6 +24,7 @@ import torch
 
 from export.rewrites import REWRITES, deploy_form
 from export.verification import Verification
+from runtime.fileio import atomic_output, check_output, write_bytes
 from runtime.metadata import METADATA_KEY, ModelRecord, sha256_file
 
 OPSET = 17
@@ -101,13 +102,7 @@ def to_onnx_bytes(model: torch.nn.Module, record: ModelRecord) -> bytes:
 
 
 def write_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, data)
 
 
 def verify_onnx(model: torch.nn.Module, onnx_path, *, batch_sizes=(1, 5),
@@ -145,7 +140,9 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
                       batch_sizes=(1, 5)) -> tuple[Path, ModelRecord, Verification]:
     """Checkpoint -> ONNX file with metadata, verified against torch.
 
-    On a failed verification the file is kept, renamed ``*.unverified.onnx``, and
+    The file is written to a temporary beside ``out_path`` and verified there; only a
+    verified file is renamed to ``out_path``, so a failure leaves the previous file as it
+    was. A file that fails verification is kept as ``*.unverified.onnx`` for inspection, and
     :class:`ExportError` says so: a user never picks up an unverified model by accident.
     """
     from training.checkpoint import build_model, load_checkpoint
@@ -153,15 +150,19 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    ckpt = load_checkpoint(ckpt_path)
+    check_output(out_path, inputs=[ckpt_path], option="-o/--out")
+    check_output(unverified_path(out_path), inputs=[ckpt_path], option="-o/--out")
+    ckpt = load_checkpoint(ckpt_path)  # validated: a bad record fails here, nothing written
     model = build_model(ckpt, weights=weights)
     flops = count_flops(model, ckpt["data"]["image_shape"])
     record = make_record(ckpt, sha256=sha256_file(ckpt_path), weights=weights, flops=flops)
-    write_atomic(to_onnx_bytes(model, record), out_path)
-    check = verify_onnx(model, out_path, batch_sizes=batch_sizes, tolerance=tolerance)
-    if not check.ok:
-        bad = unverified_path(out_path)
-        os.replace(out_path, bad)
-        raise ExportError(f"{bad}: ONNX output differs from torch ({check}); the file is kept "
-                          "for inspection but must not be deployed")
+    with atomic_output(out_path) as tmp:
+        tmp.write_bytes(to_onnx_bytes(model, record))
+        check = verify_onnx(model, tmp, batch_sizes=batch_sizes, tolerance=tolerance)
+        if not check.ok:
+            bad = unverified_path(out_path)
+            os.replace(tmp, bad)
+            raise ExportError(f"{bad}: ONNX output differs from torch ({check}); the file is "
+                              f"kept for inspection but must not be deployed ({out_path} is "
+                              "unchanged)")
     return out_path, record, check

@@ -13,12 +13,15 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 
+from runtime.clierrors import finite_float, guarded_command  # noqa: E402
+
 
 def export_options(fn):
     """Options shared with to_trt.py."""
     fn = click.option("--raw-weights", is_flag=True,
                       help="export the trained weights instead of their EMA")(fn)
     fn = click.option("--tolerance", type=click.FloatRange(min=0.0), default=None,
+                      callback=finite_float,
                       help="max |onnx - torch| / max |torch| accepted (default 2e-5)")(fn)
     return fn
 
@@ -26,6 +29,7 @@ def export_options(fn):
 def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float | None) -> Path:
     """Export and print the verification; one-line errors become click errors."""
     from export.onnx_export import DEFAULT_TOLERANCE, ExportError, export_checkpoint
+    from runtime.clierrors import one_line
     from training.checkpoint import CheckpointError
 
     try:
@@ -33,14 +37,14 @@ def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float 
             checkpoint, out, weights="raw" if raw_weights else "ema",
             tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
     except (CheckpointError, ExportError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        raise click.ClickException(one_line(err)) from None
     click.echo(f"wrote {path} ({record.weights} weights of step {record.train_step}, "
                f"{record.flops_per_image / 1e6:.1f} MFLOP per image)")
     click.echo(str(check))
     return path
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=guarded_command(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX file to write (default: model.onnx beside the checkpoint)")

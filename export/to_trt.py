@@ -18,11 +18,14 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import click  # noqa: E402
 
 from export.to_onnx import export_options, run_export  # noqa: E402
+from runtime.clierrors import finite_float, guarded_command  # noqa: E402
+from runtime.fileio import check_output  # noqa: E402
+from runtime.sidecar import sidecar_path  # noqa: E402
 
 EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failures (1)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=guarded_command(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="engine file (default: model.plan beside SOURCE); its sidecar is OUT.json")
@@ -32,6 +35,7 @@ EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failur
 @click.option("--opt-batch", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workspace", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              callback=finite_float,
               help="builder workspace limit in GiB (default: TensorRT's)")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="reuse and update this timing cache file")
@@ -43,15 +47,25 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
     """Build a TensorRT engine from SOURCE: a checkpoint (exported to ONNX first) or an
     ONNX file written by export/to_onnx.py."""
     precision = precision or "fp32"
+    if not min_batch <= opt_batch <= max_batch:
+        raise click.BadParameter(f"need --min-batch <= --opt-batch <= --max-batch, got "
+                                 f"{min_batch}, {opt_batch}, {max_batch}",
+                                 param_hint="--opt-batch")
     out = out or source.with_name("model.plan")
-    if source.suffix == ".onnx":
-        onnx_path = source
-    else:
-        onnx_path = run_export(source, out.with_suffix(".onnx"), raw_weights, tolerance)
+    from_onnx = source.suffix == ".onnx"
+    onnx_path = source if from_onnx else out.with_suffix(".onnx")
+    # Every destination is checked before the (long) export and build; none may be an input.
+    inputs = [source, timing_cache]
+    check_output(out, inputs=inputs, option="-o/--out")
+    check_output(sidecar_path(out), inputs=inputs, option="-o/--out (sidecar)")
+    if not from_onnx:
+        run_export(source, onnx_path, raw_weights, tolerance)
 
     from export.trt_build import build_engine, verify_engine
     from runtime.backends.ort import read_record
     from runtime.backends.trt import trt_unavailable_reason
+
+    record = read_record(onnx_path)  # an ONNX file not written by export is refused here
     from runtime.errors import BackendUnavailableError, ModelFileError
 
     missing = trt_unavailable_reason(device_id)
@@ -62,7 +76,7 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
     try:
         build_engine(onnx_path, out, precision=precision, min_batch=min_batch,
                      opt_batch=opt_batch, max_batch=max_batch, workspace_gib=workspace,
-                     timing_cache=timing_cache, record=read_record(onnx_path), device=device_id)
+                     timing_cache=timing_cache, record=record, device=device_id)
         # fp32 engines must match ONNX Runtime closely; reduced precision gets a documented
         # looser bound (see tests/test_trt.py for the measured figures).
         limit = {"fp32": 1e-3, "fp16": 3e-2, "bf16": 1e-1}[precision]

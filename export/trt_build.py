@@ -8,7 +8,6 @@ this module imports on a machine without them;
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from export.verification import Verification
 from runtime.backends import cuda
 from runtime.backends.trt import TRT_INSTALL_HINT, TensorRTBackend, import_tensorrt, trt_logger
 from runtime.errors import BackendUnavailableError, ModelFileError
+from runtime.fileio import write_bytes
 from runtime.metadata import ModelRecord
 from runtime.sidecar import PRECISIONS, EngineBuild, EngineSidecar, read_sidecar, write_sidecar
 
@@ -213,18 +213,8 @@ def _attach_timing_cache(config: Any, path: str | Path) -> Any:
 
 
 def _write_atomic(path: Path, data: Any) -> None:
-    """Write bytes (or an IHostMemory buffer) to ``path`` via a temp file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write bytes (or an IHostMemory buffer) to ``path`` atomically."""
+    write_bytes(path, data)
 
 
 # === Verify ===

@@ -11,15 +11,13 @@ import click
 import numpy as np
 
 from . import backends
-from .errors import BackendUnavailableError, ModelFileError, NonFiniteError
+from .clierrors import MAX_THREADS, finite_float, guarded_group
+from .fileio import atomic_output, check_output
 from .samplers import SAMPLERS
 from .schedule import VARIANCES
 
-# Errors a user can act on: print the one line, no traceback.
-USER_ERRORS = (ModelFileError, BackendUnavailableError, NonFiniteError, ValueError)
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guarded_group(), context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Torch-free DDPM sampling from an ONNX file or a TensorRT engine."""
 
@@ -30,7 +28,7 @@ def _backend_options(fn):
                       help="auto: by the file's suffix (ort for .onnx, trt for .plan engines)")(fn)
     fn = click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
                       help="ONNX Runtime provider (default cpu)")(fn)
-    fn = click.option("--threads", type=click.IntRange(min=1), default=None,
+    fn = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
                       help="CPU threads for ONNX Runtime (default: all cores); a batch is "
                       "split into one shard per thread")(fn)
     return fn
@@ -39,14 +37,15 @@ def _backend_options(fn):
 @main.command("sample")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="respaced steps (default: all T of the model)")
 @click.option("--variance", type=click.Choice(VARIANCES), default="fixedlarge",
               show_default=True, help="ddpm only")
-@click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
-              help="ddim only; 0 is deterministic")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              callback=finite_float,
+              help="ddim only; 0 is deterministic, 1 has DDPM's posterior variance")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("samples.png"), show_default=True, help="PNG grid")
@@ -62,25 +61,45 @@ def sample_cmd(model, n, seed, sampler, steps, variance, eta, batch_size, out, n
     from .images import make_grid, save_png
     from .pipeline import load
 
-    try:
-        with load(model, backend=backend, device=device, threads=threads) as pipe:
-            steps_run = steps or pipe.record.num_timesteps
-            start = time.perf_counter()
-            images = pipe.sample(n, seed, sampler=sampler, steps=steps, variance=variance,
-                                 eta=eta, batch_size=batch_size, progress=progress)
-            seconds = time.perf_counter() - start
-            backend_name = pipe.backend_name
-    except USER_ERRORS as err:
-        raise click.ClickException(str(err)) from None
+    with load(model, backend=backend, device=device, threads=threads) as pipe:
+        each_png = _check_outputs(out, npz, each, inputs=[model])
+        steps_run = steps or pipe.record.num_timesteps
+        start = time.perf_counter()
+        images = pipe.sample(n, seed, sampler=sampler, steps=steps, variance=variance,
+                             eta=eta, batch_size=batch_size, progress=progress)
+        seconds = time.perf_counter() - start
+        backend_name = pipe.backend_name
     save_png(make_grid(images), out)
     if npz is not None:
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(npz, images=images, seed=seed)
-    if each is not None:
-        for k, image in enumerate(images):
-            save_png(image, each / f"{k:05d}.png")
+        with atomic_output(npz) as tmp, open(tmp, "xb") as f:
+            np.savez_compressed(f, images=images, seed=seed)
+    for k, image in enumerate(images if each is not None else ()):
+        save_png(image, each_png(k))
     click.echo(f"{n} images, {sampler} {steps_run} steps, {seconds:.1f} s, "
                f"{n / seconds:.2f} images/s, {backend_name} -> {out}")
+
+
+def _check_outputs(out: Path, npz: Path | None, each: Path | None, inputs: list[Path]):
+    """Refuse bad destinations before sampling; returns k -> the path of --each's k-th PNG."""
+    if out.suffix.lower() != ".png":
+        raise click.BadParameter(f"{out} must end in .png (the grid is written as PNG)",
+                                 param_hint="-o/--out")
+    check_output(out, inputs=inputs, option="-o/--out")
+    if npz is not None:
+        # numpy would quietly append .npz to any other name; ask for the name it will have.
+        if npz.suffix.lower() != ".npz":
+            raise click.BadParameter(f"{npz} must end in .npz", param_hint="--npz")
+        check_output(npz, inputs=[*inputs, out], option="--npz")
+
+    def each_png(k: int) -> Path:
+        return each / f"{k:05d}.png"
+
+    if each is not None:
+        if each.exists() and not each.is_dir():
+            raise click.BadParameter(f"{each} is a file, not a folder", param_hint="--each")
+        others = [*inputs, out] + ([npz] if npz is not None else [])
+        check_output(each_png(0), inputs=others, option="--each")
+    return each_png
 
 
 @main.command("info")
@@ -88,16 +107,13 @@ def sample_cmd(model, n, seed, sampler, steps, variance, eta, batch_size, out, n
 @_backend_options
 def info_cmd(model, backend, device, threads):
     """Print MODEL's metadata, inputs/outputs and what its backend says about itself."""
+    opened = backends.open_backend(model, backend=backend, device=device, threads=threads)
     try:
-        opened = backends.open_backend(model, backend=backend, device=device, threads=threads)
-        try:
-            record = json.loads(opened.record.to_json())
-            lines = [f"model: {model}", f"backend: {opened.name}"]
-            lines += [f"{label}: {text}" for label, text in opened.describe()]
-        finally:
-            opened.close()
-    except USER_ERRORS as err:
-        raise click.ClickException(str(err)) from None
+        record = json.loads(opened.record.to_json())
+        lines = [f"model: {model}", f"backend: {opened.name}"]
+        lines += [f"{label}: {text}" for label, text in opened.describe()]
+    finally:
+        opened.close()
     lines.append("metadata:")
     lines.append(json.dumps(record, indent=2, sort_keys=True))
     click.echo("\n".join(lines))

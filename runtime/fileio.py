@@ -65,6 +65,15 @@ def check_output(path, *, inputs: Iterable = (), option: str = "output") -> Path
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{option} {path}: the existing file is read-only; "
                           "choose another output path or make it writable")
+    # Permission bits do not tell everything (root, read-only mounts, /proc): create the
+    # kind of temporary atomic_output will write, and remove it.
+    probe = temporary_path(path)
+    try:
+        probe.open("xb").close()
+    except OSError as err:
+        raise OutputError(f"{option} {describe_os_error(err, path)}") from None
+    with contextlib.suppress(OSError):
+        probe.unlink()
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,15 +59,15 @@ class ModelRecord:
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ModelRecord:
-        """Validate a decoded record; ``source`` names the file in every error."""
+        """Validate a decoded record; ``source`` names the file in every error.
+
+        Every field's type, range and size is checked here, before anything (a schedule's
+        tables, an image batch) is allocated from it.
+        """
         if not isinstance(data, dict):
             raise ModelFileError(f"{source}: the '{METADATA_KEY}' record is not a JSON object")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ModelFileError(
-                f"{source}: unknown '{METADATA_KEY}' format version {version!r} (this runtime "
-                f"reads version {FORMAT_VERSION}); re-export the model with this release"
-            )
+        check_format_version(data.get("format_version"), FORMAT_VERSION, source,
+                             f"the '{METADATA_KEY}' record", "re-export the model")
         required = ("schedule", "image_shape", "data_range", "num_levels", "model_config",
                     "checkpoint_sha256", "weights")
         missing = [k for k in required if k not in data]
@@ -76,11 +77,22 @@ class ModelRecord:
         known = set(cls.__dataclass_fields__)
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
-            kwargs["image_shape"] = tuple(int(v) for v in data["image_shape"])
-            kwargs["data_range"] = tuple(float(v) for v in data["data_range"])
-            kwargs["num_levels"] = int(data["num_levels"])
-        except (TypeError, ValueError) as err:
-            raise ModelFileError(f"{source}: malformed '{METADATA_KEY}' record ({err})") from None
+            kwargs["schedule"] = check_schedule_config(data["schedule"])
+            kwargs["image_shape"] = check_image_shape(data["image_shape"])
+            kwargs["data_range"] = check_data_range(data["data_range"])
+            kwargs["num_levels"] = check_integer(data["num_levels"], "num_levels", 2, MAX_LEVELS)
+            for name in ("train_step", "flops_per_image"):
+                if data.get(name) is not None:
+                    kwargs[name] = check_integer(data[name], name, 0, None)
+            for name in ("model_config", "exporter"):
+                if name in data and not isinstance(data[name], dict):
+                    raise ValueError(f"{name} must be an object, got {_kind(data[name])}")
+            for name in ("checkpoint_sha256", "weights", "prediction"):
+                if name in data and not isinstance(data[name], str):
+                    raise ValueError(f"{name} must be a string, got {_kind(data[name])}")
+        except ValueError as err:
+            raise ModelFileError(f"{source}: invalid '{METADATA_KEY}' record: {err}; "
+                                 "re-export the model") from None
         record = cls(**kwargs)
         record._validate(source)
         return record
@@ -100,15 +112,7 @@ class ModelRecord:
         return cls.from_dict(data, source)
 
     def _validate(self, source: str) -> None:
-        c, h, w = self.image_shape if len(self.image_shape) == 3 else (0, 0, 0)
-        if len(self.image_shape) != 3 or min(c, h, w) < 1:
-            raise ModelFileError(f"{source}: image_shape must be [C, H, W] with positive sizes, "
-                                 f"got {list(self.image_shape)}")
-        lo, hi = self.data_range
-        if not lo < hi:
-            raise ModelFileError(f"{source}: data_range must be [low, high] with low < high")
-        if self.num_levels < 2:
-            raise ModelFileError(f"{source}: num_levels must be >= 2, got {self.num_levels}")
+        """What from_dict has not checked yet: the enumerations and the schedule's tables."""
         if self.prediction not in PREDICTIONS:
             raise ModelFileError(f"{source}: prediction {self.prediction!r} is not supported; "
                                  f"this runtime samples {PREDICTIONS} models")
@@ -119,3 +123,94 @@ class ModelRecord:
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: invalid schedule in the '{METADATA_KEY}' record "
                                  f"({err})") from None
+
+
+# === Field checks shared by the record and the training checkpoint ===
+# Limits far above any real model, low enough that a hostile file cannot make the runtime
+# allocate gigabytes: a schedule is ~15 float64 tables of T entries, an image C*H*W floats.
+MAX_TIMESTEPS = 100_000
+MAX_IMAGE_SIDE = 4096
+CHANNELS = (1, 3)  # what the training data and the PNG writers hold
+MAX_LEVELS = 65_536
+SCHEDULE_PARAMS = {"linear": ("beta_start", "beta_end"), "cosine": ("s", "max_beta")}
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_integer(value: Any, name: str, low: int, high: int | None) -> int:
+    """An int (an integral float such as 8.0 too; never a bool or 8.5) in [low, high]."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _real(value: Any, name: str) -> float:
+    """A finite int or float, never a bool or a string."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_image_shape(value: Any) -> tuple[int, int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"image_shape must be [C, H, W], got {value!r}")
+    c = check_integer(value[0], "image_shape C", 1, None)
+    if c not in CHANNELS:
+        raise ValueError(f"image_shape C must be 1 (grey) or 3 (RGB), got {c}")
+    h = check_integer(value[1], "image_shape H", 1, MAX_IMAGE_SIDE)
+    w = check_integer(value[2], "image_shape W", 1, MAX_IMAGE_SIDE)
+    return c, h, w
+
+
+def check_data_range(value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"data_range must be [low, high], got {value!r}")
+    lo, hi = _real(value[0], "data_range low"), _real(value[1], "data_range high")
+    if not lo < hi:
+        raise ValueError(f"data_range must be [low, high] with low < high, got {[lo, hi]}")
+    return lo, hi
+
+
+def check_schedule_config(value: Any) -> dict[str, Any]:
+    """A schedule config (``Schedule.config``) with known keys, sane sizes and finite numbers."""
+    if not isinstance(value, dict):
+        raise ValueError(f"schedule must be an object, got {_kind(value)}")
+    kind = value.get("kind")
+    if kind not in SCHEDULE_PARAMS:
+        raise ValueError(f"schedule kind must be one of {sorted(SCHEDULE_PARAMS)}, got {kind!r}")
+    allowed = {"kind", "num_timesteps", "respaced", *SCHEDULE_PARAMS[kind]}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ValueError(f"schedule has unknown keys {unknown}")
+    if "num_timesteps" not in value:
+        raise ValueError("schedule lacks num_timesteps")
+    config = {"kind": kind,
+              "num_timesteps": check_integer(value["num_timesteps"], "schedule num_timesteps", 1,
+                                        MAX_TIMESTEPS)}
+    for name in SCHEDULE_PARAMS[kind]:
+        if name in value:
+            config[name] = _real(value[name], f"schedule {name}")
+    if "respaced" in value:
+        config["respaced"] = check_integer(value["respaced"], "schedule respaced", 1,
+                                      config["num_timesteps"])
+    return config
+
+
+def check_format_version(version: Any, current: int, source: str, what: str, fix: str,
+                         error: type[Exception] = ModelFileError) -> None:
+    """Refuse another format version, saying whether this code is too old or the file is."""
+    if isinstance(version, int) and not isinstance(version, bool) and version > current:
+        raise error(f"{source}: {what} has format version {version}, newer than this "
+                             f"release reads ({current}); upgrade ddpm-deploy")
+    if version != current or isinstance(version, bool):
+        raise error(f"{source}: {what} has unknown format version {version!r} (this "
+                             f"release reads version {current}); {fix}")

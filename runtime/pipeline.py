@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +31,7 @@ class Pipeline:
         self.max_batch = max_batch
         self.schedule = record.build_schedule()
         self._closer = closer
+        self._closed = False
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -37,7 +41,7 @@ class Pipeline:
                      steps: int | None = None, variance: str = "fixedlarge", eta: float = 0.0,
                      batch_size: int | None = None, progress: bool = True) -> np.ndarray:
         """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only."""
-        check_int(n, "n")
+        self._check_request(n, seed, eta, BYTES_PER_VALUE_FLOAT)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         if variance not in VARIANCES:
@@ -64,7 +68,28 @@ class Pipeline:
 
     def sample(self, n: int, seed: int = 0, **kwargs) -> np.ndarray:
         """uint8 [n, H, W, C]; the keyword arguments are those of :meth:`sample_float`."""
+        self._check_request(n, seed, kwargs.get("eta", 0.0), BYTES_PER_VALUE_UINT8)
         return to_uint8(self.sample_float(n, seed, **kwargs), self.record.data_range)
+
+    def _check_request(self, n, seed, eta, bytes_per_value: int) -> None:
+        """Refuse what cannot run before anything is allocated or sampled."""
+        if self._closed:
+            raise ValueError(f"{self.source}: this pipeline is closed; open the model again "
+                             "with runtime.load()")
+        check_int(n, "n")
+        # An explicit seed always: None would silently give other images on every call.
+        check_int(seed, "seed", minimum=0)
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+            # eta = 1 is DDPM's posterior variance. Above it a step adds more noise than the
+            # posterior has, and near t = 0 sigma_t^2 exceeds 1 - alpha_bar_{t-1}: DDIM's
+            # direction term takes the root of a negative number (eta > ~1.35, linear T=1000).
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        need = n * math.prod(self.image_shape) * bytes_per_value
+        have = available_memory()
+        if have is not None and need > have:
+            raise ValueError(f"n={n} images of {list(self.image_shape)} need about "
+                             f"{need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of "
+                             "memory available; sample fewer images per call")
 
     def _batch_size(self, n: int, requested: int | None) -> int:
         if requested is not None:
@@ -75,6 +100,7 @@ class Pipeline:
         return min(batch, n)
 
     def close(self) -> None:
+        self._closed = True
         if self._closer is not None:
             self._closer()
             self._closer = None
@@ -84,6 +110,27 @@ class Pipeline:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Peak bytes per output value: float32 result (sample_float); sample adds to_uint8's float64
+# working copies and the uint8 result.
+BYTES_PER_VALUE_FLOAT = 4
+BYTES_PER_VALUE_UINT8 = 4 + 3 * 8 + 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

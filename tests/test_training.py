@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from runtime.fileio import OutputError
 from runtime.schedule import Schedule
 from training.bridge import schedule_tensors
 from training.checkpoint import (
@@ -179,7 +180,7 @@ def test_save_is_atomic_and_refuses_non_plain_data(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         save_checkpoint(path, {"step": 3})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1  # the old file survived intact

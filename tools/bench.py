@@ -28,7 +28,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
+from runtime.clierrors import MAX_THREADS, guarded_command  # noqa: E402
 from runtime.cpus import cpu_count  # noqa: E402
+from runtime.fileio import check_output, write_text  # noqa: E402
 
 CONTENDERS = ("torch", "diffusers", "ort_cpu", "ort_cuda", "trt_fp32", "trt_fp16", "torch_cuda")
 BASELINE = "torch"
@@ -182,7 +184,7 @@ def prepare(model_dir: Path, preset_name: str, checkpoint: Path | None) -> dict:
             "flops_per_image": record.flops_per_image, "source": source,
             "onnx_max_rel_diff": check.max_rel,
             "exported_flops_per_image": exported_flops(model_dir / "ckpt.pt")}
-    (model_dir / "meta.json").write_text(json.dumps(meta))
+    write_text(model_dir / "meta.json", json.dumps(meta))
     return meta
 
 
@@ -305,7 +307,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=guarded_command(), context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--preset", "preset_name", type=click.Choice(["digits", "cifar10"]),
               default="digits", show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -313,7 +315,7 @@ def markdown(report: dict) -> str:
 @click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
               help="steps per timed loop; figures are scaled to the full chain")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--only", multiple=True, type=click.Choice(CONTENDERS),
               help="run only these contenders (repeatable)")
@@ -326,7 +328,8 @@ def main(preset_name, checkpoint, batch, steps, threads, repeats, only, out, wor
     if worker is not None:
         click.echo(json.dumps(run_worker(worker, model_dir, batch, steps, threads)))
         return
-    out.mkdir(parents=True, exist_ok=True)
+    for name in ("bench.json", "bench.md"):  # before the (long) run, not after it
+        check_output(out / name, inputs=[checkpoint], option="--out")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         meta = prepare(model_dir, preset_name, checkpoint)
@@ -358,9 +361,9 @@ def main(preset_name, checkpoint, batch, steps, threads, repeats, only, out, wor
     report = {"args": args, "meta": meta, "matmul_gflops": matmul, "skipped": skipped,
               "machine": machine(),
               "rows": summarize(runs, meta, args, matmul)}
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    write_text(out / "bench.json", json.dumps(report, indent=2))
     table = markdown(report)
-    (out / "bench.md").write_text(table)
+    write_text(out / "bench.md", table)
     click.echo(table)
 
 

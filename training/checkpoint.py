@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from runtime.clierrors import one_line
+from runtime.fileio import atomic_output
+from runtime.metadata import (
+    check_data_range,
+    check_format_version,
+    check_image_shape,
+    check_integer,
+    check_schedule_config,
+)
+
+from .config import ModelConfig, TrainConfig
 from .unet import UNet
 
 FORMAT_VERSION = 1
@@ -41,29 +50,30 @@ def make_checkpoint(*, model_config: dict, train_config: dict, schedule: dict, d
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` to ``path`` so that a crash leaves either the old file or the new one.
 
-    temp file in the same directory -> fsync -> os.replace (atomic on POSIX) -> fsync dir.
+    Through :func:`runtime.fileio.atomic_output`: a temporary beside it, fsync, rename, and
+    the temporaries of killed runs removed. A full disk is a one-line OutputError.
     """
     _check_plain(ckpt, "ckpt")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name in the same directory (so os.replace is atomic), created with the
-    # umask's permissions like any file the user writes.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
+    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+        try:
             torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Leave no half-written temp file behind, then let the error (or Ctrl-C) through.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        except RuntimeError as err:
+            # torch reports a failed write as "enforce fail at inline_container.cc"; the
+            # OSError (ENOSPC, EIO) it swallowed is the real cause: raise that one.
+            cause = _os_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -82,8 +92,9 @@ def _check_plain(value: Any, where: str) -> None:
                         "convert it before saving")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint as data (never code) and check that it is one of ours."""
+def load_checkpoint(path: str | os.PathLike, *, resume: bool = False) -> dict[str, Any]:
+    """Read a checkpoint as data (never code) and check that it is one of ours and whole
+    (:func:`validate_checkpoint`; ``resume`` adds the optimizer and RNG states)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; train one with "
@@ -108,10 +119,122 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a DDPM training checkpoint (expected keys "
                               f"{list(REQUIRED_KEYS)}, found {found}); pass a ckpt.pt written "
                               "by training/train.py")
-    if ckpt["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {ckpt['format_version']!r}, this code "
-                              f"reads format {FORMAT_VERSION}; use the matching code version")
+    validate_checkpoint(ckpt, path, resume=resume)
     return ckpt
+
+
+def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> None:
+    """Check a checkpoint's contents against its own model config before torch touches them.
+
+    The configs, schedule and data record, every weight of ``model`` and ``ema`` (names,
+    shapes, finite values) and, for ``resume``, the optimizer and RNG states. Raises a
+    one-line CheckpointError naming ``path`` and the field.
+    """
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {what}; use a ckpt.pt written by training/train.py "
+                               "(or an earlier copy of it)")
+
+    check_format_version(ckpt["format_version"], FORMAT_VERSION, str(path), "the checkpoint",
+                         "use the code version that wrote it", error=CheckpointError)
+    checks = {
+        "model_config": ModelConfig.from_dict,
+        "train_config": TrainConfig.from_dict,
+        "schedule": check_schedule_config,
+        "data": _check_data,
+        "step": lambda v: check_integer(v, "step", 0, None),
+    }
+    parsed = {}
+    for name, check in checks.items():
+        try:
+            parsed[name] = check(ckpt[name])
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise bad(f"invalid '{name}' ({one_line(err)})") from None
+    config = parsed["model_config"]
+    expected_shape = (config.in_channels, config.image_size, config.image_size)
+    if parsed["data"] != expected_shape:
+        raise bad(f"its data are {list(parsed['data'])} images but its model_config expects "
+                  f"{list(expected_shape)}")
+    with torch.device("meta"):  # shapes only: nothing is allocated for the reference
+        reference = UNet(config)
+    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    for name in ("model", "ema"):
+        problem = _weights_problem(ckpt[name], shapes)
+        if problem:
+            raise bad(f"'{name}' weights do not fit its model_config: {problem}")
+    if resume:
+        params = [tuple(p.shape) for p in reference.parameters()]
+        for name, problem in (("optimizer", _optimizer_problem(ckpt.get("optimizer"), params)),
+                              ("rng", _rng_problem(ckpt.get("rng")))):
+            if problem:
+                raise bad(f"cannot resume: '{name}' state {problem}")
+
+
+def _check_data(data: Any) -> tuple[int, int, int]:
+    if not isinstance(data, dict):
+        raise TypeError(f"expected an object, got {type(data).__name__}")
+    check_data_range(data["data_range"])
+    check_integer(data["num_levels"], "num_levels", 2, None)
+    return check_image_shape(data["image_shape"])
+
+
+def nonfinite_tensor(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, or None."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                and not bool(torch.isfinite(value).all()):
+            return key
+    return None
+
+
+def _weights_problem(state: Any, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    if not isinstance(state, dict):
+        return f"expected a dict of tensors, got {type(state).__name__}"
+    missing = [k for k in shapes if k not in state]
+    extra = [k for k in state if k not in shapes]
+    if missing or extra:
+        return (f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+                f"(e.g. {extra[:2]})")
+    for key, shape in shapes.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return f"{key} is not a floating-point tensor"
+        if tuple(value.shape) != shape:
+            return f"{key} has shape {list(value.shape)}, the model's is {list(shape)}"
+    bad = nonfinite_tensor(state)
+    return f"{bad} holds NaN or inf" if bad else None
+
+
+def _optimizer_problem(state: Any, params: list[tuple[int, ...]]) -> str | None:
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list) or not state["param_groups"]:
+        return "is missing or empty (expected Adam's state and param_groups)"
+    indices = [i for g in state["param_groups"] if isinstance(g, dict)
+               for i in g.get("params", ())]
+    if indices != list(range(len(params))):
+        return f"covers {len(indices)} parameters, the model has {len(params)}"
+    for index, entry in state["state"].items():
+        if index not in range(len(params)) or not isinstance(entry, dict):
+            return f"has an entry for unknown parameter {index!r}"
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = entry.get(key)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != params[index]:
+                return f"{key} of parameter {index} does not match its shape {list(params[index])}"
+        bad = nonfinite_tensor(entry)
+        if bad:
+            return f"{bad} of parameter {index} holds NaN or inf"
+    return None
+
+
+def _rng_problem(state: Any) -> str | None:
+    np_state = state.get("numpy") if isinstance(state, dict) else None
+    if not (isinstance(state, dict) and isinstance(state.get("torch"), torch.Tensor)
+            and state["torch"].dtype == torch.uint8 and isinstance(state.get("cuda"), list)
+            and isinstance(np_state, dict) and isinstance(np_state.get("keys"), list)
+            and len(np_state["keys"]) == 624
+            and all(isinstance(np_state.get(k), int) for k in ("pos", "has_gauss"))
+            and isinstance(np_state.get("cached_gaussian"), float)):
+        return "is missing or malformed"
+    return None
 
 
 def build_model(ckpt: dict[str, Any], weights: str = "ema") -> UNet:

@@ -7,12 +7,16 @@ checkpoint alone rebuilds the network and the run (``from_dict``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.schedule import Schedule
 
 SCHEDULE_KINDS = ("linear", "cosine")
+MAX_SEED = 2**63 - 1
+# Adam moves each weight by about lr per step; beyond 1 a step outweighs any trained weight.
+MAX_LR = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,16 @@ class TrainConfig:
             if _bad_int(getattr(self, name), minimum=1):
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, "
                                  f"got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"TrainConfig.seed must be at most 2**63 - 1 (torch's seed range), "
+                             f"got {self.seed}")
+        for name in ("lr", "grad_clip", "ema_decay", "beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ValueError(f"TrainConfig.lr must lie in (0, {MAX_LR}], got {self.lr}")
         if not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:

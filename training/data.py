@@ -12,6 +12,7 @@ image set costs a byte per value in memory, not four.
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ def load_dataset(spec: str, image_size: int, channels: int) -> Dataset:
     """Load ``spec`` (see the module docstring) as images of [channels, image_size, image_size]."""
     if spec == "digits":
         return _digits(image_size, channels)
+    if not str(spec).strip():
+        raise DatasetError("empty data path (it would read the current folder); pass 'digits', "
+                           "an .npz, a folder of images or cifar-10-batches-py")
     path = Path(spec).expanduser()
     if not path.exists():
         raise DatasetError(f"{spec}: no such file or directory; pass 'digits', an .npz with an "
@@ -181,11 +185,18 @@ def _image_folder(path: Path, spec: str, image_size: int, channels: int) -> Data
     levels = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
     for i, file in enumerate(files):
         try:
-            with Image.open(file) as img:
-                arr = np.asarray(_resize_center_crop(img.convert(mode), image_size))
-        except (UnidentifiedImageError, OSError) as err:
+            with warnings.catch_warnings():
+                # Past Image.MAX_IMAGE_PIXELS pillow only warns; such a file (a decompression
+                # bomb, or a photo far beyond any preset's size) is refused like one past 2x.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as img:
+                    arr = np.asarray(_resize_center_crop(img.convert(mode), image_size))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise DatasetError(f"{file}: refused, too many pixels to decode safely ({err}); "
+                               "remove it or shrink it first") from None
+        except (UnidentifiedImageError, OSError, ValueError) as err:
             raise DatasetError(f"{file}: not a readable image ({err}); remove or re-save it") \
-                from err
+                from None
         levels[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return Dataset(name=path.name, spec=spec, levels=levels, num_levels=256)
 

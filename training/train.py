@@ -16,11 +16,13 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 
+from runtime.clierrors import MAX_THREADS, finite_float, guarded_command  # noqa: E402
+from runtime.fileio import check_output  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from training.config import PRESETS, ModelConfig, TrainConfig, preset  # noqa: E402
+from training.config import MAX_LR, MAX_SEED, PRESETS, ModelConfig, TrainConfig, preset  # noqa: E402
 from training.data import DatasetError, load_dataset  # noqa: E402
 from training.distributed import DeviceError, dist_info_from_env  # noqa: E402
-from training.trainer import CKPT_NAME, LOG_NAME, train  # noqa: E402
+from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, train  # noqa: E402
 
 # Options a resumed run takes from its checkpoint; giving a different value is an error.
 FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
@@ -32,11 +34,19 @@ def _check_device(ctx, param, value: str) -> str:
     return value
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"],
+def _check_data(ctx, param, value):
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty; pass 'digits', an .npz, an image folder or a "
+                                 "cifar-10-batches-py folder")
+    return value
+
+
+@click.command(cls=guarded_command(CheckpointError, DatasetError, DeviceError, DivergedError),
+               context_settings={"help_option_names": ["-h", "--help"],
                                  "show_default": True})
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="digits",
               help="Model size and training recipe.")
-@click.option("--data", default=None,
+@click.option("--data", default=None, callback=_check_data,
               help="'digits', an .npz with an 'images' uint8 array, a folder of PNG/JPEG "
                    "images, or a cifar-10-batches-py folder. [default: digits for --preset "
                    "digits]")
@@ -44,14 +54,15 @@ def _check_device(ctx, param, value: str) -> str:
               help="Total optimizer steps. [default: the preset's]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Global batch size, split over DDP ranks. [default: the preset's]")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=None,
+              callback=finite_float,
               help="Adam learning rate after warmup. [default: the preset's]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory for ckpt.pt, log.jsonl and sample grids. [default: "
                    "runs/<preset>]")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is OUT/ckpt.pt.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in an OUT that holds a checkpoint.")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
               help="Seed of weights, data order and noise. [default: the preset's]")
 @click.option("--sample-every", type=click.IntRange(min=0), default=None,
               help="Steps between sample grids; 0 = only at the end. [default: the preset's]")
@@ -59,7 +70,7 @@ def _check_device(ctx, param, value: str) -> str:
               help="Steps between checkpoints; 0 = only at the end. [default: the preset's]")
 @click.option("--device", default="auto", callback=_check_device,
               help="auto (CUDA when available), cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="CPU threads per process. [default: OMP_NUM_THREADS, else the cores less "
                    "one]")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the network's forward pass.")
@@ -76,15 +87,17 @@ def main(preset_name, data, steps, batch_size, lr, out_dir, resume, overwrite, s
     if resume:
         if overwrite:
             raise click.UsageError("--resume and --overwrite contradict each other; pick one")
-        try:
-            resume_from = load_checkpoint(ckpt_path)
-        except CheckpointError as err:
-            raise click.ClickException(str(err)) from err
+        resume_from = load_checkpoint(ckpt_path, resume=True)
         model_config = ModelConfig.from_dict(resume_from["model_config"])
         train_config = TrainConfig.from_dict(resume_from["train_config"])
         _check_resume_options(ctx_preset=preset_name, model_config=model_config,
                               train_config=train_config, given=given)
-        data = data or resume_from["data"]["spec"]
+        recorded = resume_from["data"]["spec"]
+        if data is not None and not _same_data(data, recorded):
+            raise click.BadParameter(f"{data!r} is not the data {ckpt_path} was trained on "
+                                     f"({recorded!r}); drop --data when resuming, or start a "
+                                     "new run with --out", param_hint="--data")
+        data = recorded
     else:
         if ckpt_path.exists() and not overwrite:
             raise click.UsageError(f"{ckpt_path} exists; pass --resume to continue that run, "
@@ -105,16 +118,24 @@ def main(preset_name, data, steps, batch_size, lr, out_dir, resume, overwrite, s
         click.echo(f"{ckpt_path} is already at step {resume_from['step']} of "
                    f"{train_config.steps}; pass a larger --steps to train further")
         return
-    try:
-        dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
-        trainer = train(model_config, train_config, dataset, out_dir, device=device, bf16=bf16,
-                        resume_from=resume_from, progress=progress, threads=threads)
-    except (DatasetError, DeviceError) as err:
-        raise click.ClickException(str(err)) from err
+    # The run's outputs are checked now, not after the first hour of training.
+    for name in (CKPT_NAME, LOG_NAME):
+        check_output(out_dir / name, inputs=[data] if data != "digits" else [], option="--out")
+    dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
+    trainer = train(model_config, train_config, dataset, out_dir, device=device, bf16=bf16,
+                    resume_from=resume_from, progress=progress, threads=threads)
     if trainer.info.is_main:
         click.echo(f"trained to step {trainer.step} in {trainer.elapsed_s / 60:.1f} min of "
                    f"training; checkpoint {ckpt_path}, log {out_dir / LOG_NAME}, "
                    f"samples {out_dir}/samples_{trainer.step:07d}.png")
+
+
+def _same_data(given: str, recorded: str) -> bool:
+    if given == recorded:
+        return True
+    if "digits" in (given, recorded):
+        return False
+    return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
 
 
 def _check_resume_options(*, ctx_preset: str, model_config: ModelConfig,

@@ -19,10 +19,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from runtime.fileio import OutputError, describe_os_error, remove_stale_temporaries, write_text
+
 from .bridge import schedule_tensors
-from .checkpoint import make_checkpoint, save_checkpoint
+from .checkpoint import make_checkpoint, nonfinite_tensor, save_checkpoint
 from .config import ModelConfig, TrainConfig
-from .data import Dataset, to_unit_range
+from .data import Dataset, DatasetError, to_unit_range
 from .diffusion import loss_simple
 from .distributed import (
     DistInfo,
@@ -44,6 +46,10 @@ LOG_NAME = "log.jsonl"
 _EPOCH, _BATCH, _DROPOUT = 0, 1, 2
 # Datasets up to this size live on the training device; larger ones are copied per batch.
 _ON_DEVICE_BYTES = 2**30
+
+
+class DivergedError(FloatingPointError):
+    """Training produced NaN or inf (loss, gradients or weights); nothing bad is saved."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -76,8 +82,8 @@ class Trainer:
         shard = len(dataset) // info.world_size
         self.steps_per_epoch = shard // self.local_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} images cannot fill a batch of {self.local_batch} "
-                             f"per process; lower --batch-size")
+            raise DatasetError(f"{dataset.spec}: {len(dataset)} images cannot fill a batch of "
+                               f"{self.local_batch} per process; lower --batch-size")
 
         torch.manual_seed(train_config.seed)  # the same initial weights on every rank
         self.model = UNet(model_config).to(self.device)
@@ -86,6 +92,7 @@ class Trainer:
         levels = torch.from_numpy(dataset.levels)
         self.levels = levels.to(self.device) if levels.nbytes <= _ON_DEVICE_BYTES else levels
         self.step = 0
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)  # all grads so far
         self.elapsed_s = 0.0  # training wall time over all sessions of this run
         self._epoch, self._order = -1, None
         self._net = None  # the DDP wrapper (or the model), made in fit()
@@ -165,6 +172,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        # Kept on the device (no sync per step); checked with the weights at each log and save.
+        self._finite &= torch.isfinite(grad_norm)
         self.optimizer.step()
         self.ema.update(self.model, step)
         self.step += 1
@@ -181,6 +190,7 @@ class Trainer:
                          if self.info.enabled else self.model)
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir / CKPT_NAME)  # left by a killed save
             _truncate_log(self.out_dir / LOG_NAME, self.step)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", mininterval=1.0,
                    disable=not (main and self.progress), dynamic_ncols=True)
@@ -217,19 +227,37 @@ class Trainer:
     def _log(self, bar, loss: torch.Tensor, grad_norm: torch.Tensor, steps_per_s: float) -> None:
         loss_v, norm_v = all_reduce_mean(torch.stack([loss, grad_norm]), self.info).tolist()
         if not math.isfinite(loss_v):
-            raise FloatingPointError(f"the loss became {loss_v} by step {self.step}; lower --lr "
-                                     "or resume from an earlier checkpoint")
+            raise DivergedError(f"the loss became {loss_v} by step {self.step}; lower --lr "
+                                "or resume from an earlier checkpoint")
+        self.check_finite()
         record = {"step": self.step, "loss": loss_v, "lr": self.lr_at(self.step - 1),
                   "grad_norm": norm_v, "steps_per_s": steps_per_s,
                   "images_per_s": steps_per_s * self.config.batch_size,
                   "elapsed_s": self.elapsed_s}
+        # Strict JSON: a non-finite timing (a zero-length window) is written as null.
+        record = {k: v if math.isfinite(v) else None for k, v in record.items()}
         if self.info.is_main:
-            with open(self.out_dir / LOG_NAME, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.out_dir / LOG_NAME
+            try:  # appended, not replaced: a line cut short by a crash is dropped on resume
+                with open(path, "a") as f:
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
+            except OSError as err:
+                raise OutputError(describe_os_error(err, path)) from None
             bar.set_postfix(loss=f"{loss_v:.4f}", steps_per_s=f"{steps_per_s:.2f}", refresh=False)
+
+    def check_finite(self) -> None:
+        """Stop on NaN or inf in any gradient so far or in the weights (after the update)."""
+        bad = None if bool(self._finite) else "a gradient"
+        for what, module in (("weight", self.model), ("EMA weight", self.ema.model)):
+            name = None if bad else nonfinite_tensor(module.state_dict())
+            bad = f"{what} {name}" if name else bad
+        if bad:
+            raise DivergedError(f"{bad} became NaN or inf by step {self.step}; train again "
+                                "with a lower --lr (the last checkpoint is left as it was)")
 
     def save(self) -> Path:
         path = self.out_dir / CKPT_NAME
+        self.check_finite()  # never write a checkpoint that cannot be sampled from
         if self.info.is_main:
             save_checkpoint(path, self.state_dict())
         barrier(self.info)
@@ -302,6 +330,4 @@ def _truncate_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if _logged_step(line) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_text(path, "".join(line + "\n" for line in kept))

@@ -58,11 +58,14 @@ def _backend_options(fn):
 def sample_cmd(model, n, seed, sampler, steps, variance, eta, batch_size, out, npz, each,
                progress, backend, device, threads):
     """Sample N images from MODEL (.onnx or .plan) and write a PNG grid."""
-    from .images import make_grid, save_png
+    from .images import PNG_CHANNELS, make_grid, save_png
     from .pipeline import load
 
     with load(model, backend=backend, device=device, threads=threads) as pipe:
         each_png = _check_outputs(out, npz, each, inputs=[model])
+        if pipe.image_shape[0] not in PNG_CHANNELS:
+            raise click.UsageError(f"{model}: images of {pipe.image_shape[0]} channels cannot "
+                                   "be written as PNG; sample them with the Python API")
         steps_run = steps or pipe.record.num_timesteps
         start = time.perf_counter()
         images = pipe.sample(n, seed, sampler=sampler, steps=steps, variance=variance,

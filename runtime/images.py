@@ -9,6 +9,8 @@ import numpy as np
 
 from .fileio import atomic_output
 
+PNG_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
+
 
 def to_uint8(x: np.ndarray, data_range=(-1.0, 1.0)) -> np.ndarray:
     """float [N, C, H, W] in ``data_range`` -> uint8 [N, H, W, C], rounded and clipped."""

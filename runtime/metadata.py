@@ -130,7 +130,7 @@ class ModelRecord:
 # allocate gigabytes: a schedule is ~15 float64 tables of T entries, an image C*H*W floats.
 MAX_TIMESTEPS = 100_000
 MAX_IMAGE_SIDE = 4096
-CHANNELS = (1, 3)  # what the training data and the PNG writers hold
+MAX_CHANNELS = 4
 MAX_LEVELS = 65_536
 SCHEDULE_PARAMS = {"linear": ("beta_start", "beta_end"), "cosine": ("s", "max_beta")}
 
@@ -163,9 +163,7 @@ def _real(value: Any, name: str) -> float:
 def check_image_shape(value: Any) -> tuple[int, int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise ValueError(f"image_shape must be [C, H, W], got {value!r}")
-    c = check_integer(value[0], "image_shape C", 1, None)
-    if c not in CHANNELS:
-        raise ValueError(f"image_shape C must be 1 (grey) or 3 (RGB), got {c}")
+    c = check_integer(value[0], "image_shape C", 1, MAX_CHANNELS)
     h = check_integer(value[1], "image_shape H", 1, MAX_IMAGE_SIDE)
     w = check_integer(value[2], "image_shape W", 1, MAX_IMAGE_SIDE)
     return c, h, w

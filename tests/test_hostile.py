@@ -149,7 +149,7 @@ RECORD_EDITS = {
     "fractional_levels": lambda r: {**r, "num_levels": 16.5},
     "bool_levels": lambda r: {**r, "num_levels": True},
     "huge_image": lambda r: {**r, "image_shape": [3, 100_000, 100_000]},
-    "two_channels": lambda r: {**r, "image_shape": [2, 8, 8]},
+    "five_channels": lambda r: {**r, "image_shape": [5, 8, 8]},
     "newer": lambda r: {**r, "format_version": 2},
 }
 
@@ -169,7 +169,7 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
     sidecar_schedule = engine_with_sidecar(tmp_path, "sched", {**record, "schedule": "linear"})
     quick = ["--steps", "2", "-n", "2", "--no-progress"]
     cases = [
-        (["sample", model_png, "-o", model_png, *quick], "also an input"),
+        (["sample", model_png, "--backend", "ort", "-o", model_png, *quick], "also an input"),
         (["sample", model, "-o", tmp_path / "s.jpg", *quick], "-o/--out"),
         (["sample", model, "-o", "/proc/no/s.png", *quick], "-o/--out"),
         (["sample", model, "--npz", model, *quick], "--npz"),
@@ -304,13 +304,14 @@ def test_bench_refuses_bad_out(tmp_path):
 # === The interpreter-level entry points: exit code, one line, the guard for bugs ===
 
 @pytest.mark.parametrize("script, args, culprit", [
-    (["-m", "runtime", "sample"], ["{model}", "-o", "{model}"], "also an input"),
+    (["-m", "runtime", "sample"], ["{model}", "--backend", "ort", "-o", "{model}"],
+     "also an input"),
     (["export/to_onnx.py"], ["{ckpt}", "-o", "{ckpt}"], "-o/--out"),
     (["training/train.py"], ["--lr", "inf", "--out", "{tmp}/run"], "--lr"),
 ])
-def test_entry_points_exit_cleanly(script, args, culprit, trained_run, tmp_path):
+def test_entry_points_exit_cleanly(script, args, culprit, trained_run, tiny_onnx, tmp_path):
     paths = {"model": tmp_path / "model.png", "ckpt": tmp_path / "c.pt", "tmp": tmp_path}
-    paths["model"].write_bytes(b"model bytes")
+    paths["model"].write_bytes(tiny_onnx.read_bytes())  # a model under a PNG name
     paths["ckpt"].write_bytes((trained_run / "ckpt.pt").read_bytes())
     before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, *script, *[a.format(**paths) for a in args]],

@@ -6,6 +6,7 @@ Also runs as a module: `python -m export.to_onnx`.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
@@ -23,21 +24,33 @@ def export_options(fn):
     fn = click.option("--tolerance", type=click.FloatRange(min=0.0), default=None,
                       callback=finite_float,
                       help="max |onnx - torch| / max |torch| accepted (default 2e-5)")(fn)
+    fn = click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]),
+                      default="dynamo", show_default=True,
+                      help="torch.onnx exporter: torch.export-based (dynamo), or the "
+                      "deprecated TorchScript one, while the installed torch still has it")(fn)
     return fn
 
 
-def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float | None) -> Path:
-    """Export and print the verification; one-line errors become click errors."""
+def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float | None,
+               exporter: str = "dynamo") -> Path:
+    """Export and print the verification; one-line errors become click errors, and
+    warnings one line each on stderr."""
     from export.onnx_export import DEFAULT_TOLERANCE, ExportError, export_checkpoint
     from runtime.clierrors import one_line
     from training.checkpoint import CheckpointError
 
     try:
-        path, record, check = export_checkpoint(
-            checkpoint, out, weights="raw" if raw_weights else "ema",
-            tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FutureWarning)
+            path, record, check = export_checkpoint(
+                checkpoint, out, weights="raw" if raw_weights else "ema",
+                tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+                exporter=exporter)
     except (CheckpointError, ExportError, ValueError) as err:
         raise click.ClickException(one_line(err)) from None
+    finally:
+        for warning in caught:
+            click.echo(f"warning: {warning.message}", err=True)
     click.echo(f"wrote {path} ({record.weights} weights of step {record.train_step}, "
                f"{record.flops_per_image / 1e6:.1f} MFLOP per image)")
     click.echo(str(check))
@@ -49,10 +62,12 @@ def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float 
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX file to write (default: model.onnx beside the checkpoint)")
 @export_options
-def main(checkpoint: Path, out: Path | None, raw_weights: bool, tolerance: float | None):
+def main(checkpoint: Path, out: Path | None, raw_weights: bool, tolerance: float | None,
+         exporter: str):
     """Export CHECKPOINT's network to ONNX, with the metadata the runtime needs,
     and verify it against PyTorch in ONNX Runtime."""
-    run_export(checkpoint, out or checkpoint.with_name("model.onnx"), raw_weights, tolerance)
+    run_export(checkpoint, out or checkpoint.with_name("model.onnx"), raw_weights, tolerance,
+               exporter)
 
 
 if __name__ == "__main__":

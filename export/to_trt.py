@@ -43,7 +43,7 @@ EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failur
 @export_options
 def main(source: Path, out: Path | None, precision: str | None, min_batch: int, opt_batch: int,
          max_batch: int, workspace: float | None, timing_cache: Path | None, device_id: int,
-         raw_weights: bool, tolerance: float | None):
+         raw_weights: bool, tolerance: float | None, exporter: str):
     """Build a TensorRT engine from SOURCE: a checkpoint (exported to ONNX first) or an
     ONNX file written by export/to_onnx.py."""
     precision = precision or "fp32"
@@ -59,7 +59,7 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
     check_output(out, inputs=inputs, option="-o/--out")
     check_output(sidecar_path(out), inputs=inputs, option="-o/--out (sidecar)")
     if not from_onnx:
-        run_export(source, onnx_path, raw_weights, tolerance)
+        run_export(source, onnx_path, raw_weights, tolerance, exporter)
 
     from export.trt_build import build_engine, verify_engine
     from runtime.backends.ort import read_record

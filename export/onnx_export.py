@@ -29,6 +29,7 @@ import dataclasses
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -131,8 +132,9 @@ def _dynamo_proto(model: torch.nn.Module, args):
                 dynamic_shapes={"x": {0: batch}, "t": {0: batch}},
             )
         except torch.onnx.errors.OnnxExporterError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExportError(f"torch.onnx could not export the network: {first}") from err
+            raise ExportError(f"torch.onnx could not export the network: {_root_cause(err)}; "
+                              "a network export supports has no control flow on tensor "
+                              "values") from err
         ir.passes.PassManager([
             common.ShapeInferencePass(),  # the rules need shapes propagated through Shape
             rewriter.RewritePass(_simplification_rules()),
@@ -175,18 +177,28 @@ def _torchscript_proto(model: torch.nn.Module, args):
     return onnx.load_from_string(buffer.getvalue())
 
 
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost cause: torch.onnx wraps torch.export's error in a
+    page of advice."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
-    """torch.export and torch.onnx log a line per skipped optional op library and warn about
-    internals (axis renaming, pytree deprecations): none of it concerns the user. Errors
-    still raise."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export",
-                                                    "torch._export", "onnxscript", "onnx_ir")]
+    """torch.export and torch.onnx log a line per skipped optional op library, warn about
+    internals (axis renaming, pytree deprecations) and print graphs when tracing fails:
+    none of it concerns the user. Errors still raise, and name their cause."""
+    loggers = [logging.getLogger(name) for name in (
+        "torch.onnx", "torch.export", "torch._export", "torch.fx", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+              contextlib.redirect_stderr(io.StringIO())):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -221,3 +221,22 @@ def test_checkpoint_without_network_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match=str(path)):
         export_checkpoint(path, tmp_path / "m.onnx")
+
+
+def test_network_torch_export_cannot_trace_is_one_error():
+    import torch
+
+    from export.onnx_export import ExportError, to_onnx_bytes
+    from runtime.schedule import Schedule
+
+    class Branchy(torch.nn.Module):  # control flow on a tensor's value: not exportable
+        def forward(self, x, t):
+            return x if x.sum() > 0 else -x
+
+    record = ModelRecord(schedule=Schedule.linear(10).config, image_shape=(1, 4, 4),
+                         data_range=(-1.0, 1.0), num_levels=17, model_config={},
+                         checkpoint_sha256="0" * 64, weights="ema", train_step=0,
+                         flops_per_image=1)
+    with pytest.raises(ExportError, match="torch.onnx could not export the network") as err:
+        to_onnx_bytes(Branchy(), record)
+    assert "\n" not in str(err.value)

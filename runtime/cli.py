@@ -14,7 +14,7 @@ from . import backends
 from .clierrors import MAX_THREADS, finite_float, guarded_group
 from .fileio import atomic_output, check_output
 from .samplers import SAMPLERS
-from .schedule import VARIANCES
+from .schedule import SPACINGS, VARIANCES
 
 
 @click.group(cls=guarded_group(), context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +40,9 @@ def _backend_options(fn):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="respaced steps (default: all T of the model)")
+              help="network calls, on a respaced chain (default: all T of the model)")
+@click.option("--spacing", type=click.Choice(SPACINGS), default="linspace", show_default=True,
+              help="which timesteps --steps keeps")
 @click.option("--variance", type=click.Choice(VARIANCES), default="fixedlarge",
               show_default=True, help="ddpm only")
 @click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
@@ -55,8 +57,8 @@ def _backend_options(fn):
               help="also write one PNG per image into this folder")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_backend_options
-def sample_cmd(model, n, seed, sampler, steps, variance, eta, batch_size, out, npz, each,
-               progress, backend, device, threads):
+def sample_cmd(model, n, seed, sampler, steps, spacing, variance, eta, batch_size, out, npz,
+               each, progress, backend, device, threads):
     """Sample N images from MODEL (.onnx or .plan) and write a PNG grid."""
     from .images import PNG_CHANNELS, make_grid, save_png
     from .pipeline import load
@@ -68,8 +70,9 @@ def sample_cmd(model, n, seed, sampler, steps, variance, eta, batch_size, out, n
                                    "be written as PNG; sample them with the Python API")
         steps_run = steps or pipe.record.num_timesteps
         start = time.perf_counter()
-        images = pipe.sample(n, seed, sampler=sampler, steps=steps, variance=variance,
-                             eta=eta, batch_size=batch_size, progress=progress)
+        images = pipe.sample(n, seed, sampler=sampler, steps=steps, spacing=spacing,
+                             variance=variance, eta=eta, batch_size=batch_size,
+                             progress=progress)
         seconds = time.perf_counter() - start
         backend_name = pipe.backend_name
     save_png(make_grid(images), out)

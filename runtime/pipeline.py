@@ -13,7 +13,7 @@ from .backends import open_backend
 from .errors import check_int
 from .images import to_uint8
 from .metadata import ModelRecord
-from .samplers import SAMPLERS, ImageNoise, sample
+from .samplers import ImageNoise, sample, sampler_options
 from .schedule import VARIANCES
 
 DEFAULT_BATCH = 64
@@ -38,15 +38,20 @@ class Pipeline:
         return self.record.image_shape
 
     def sample_float(self, n: int, seed: int = 0, *, sampler: str = "ddpm",
-                     steps: int | None = None, variance: str = "fixedlarge", eta: float = 0.0,
+                     steps: int | None = None, spacing: str = "linspace",
+                     variance: str = "fixedlarge", eta: float = 0.0,
                      batch_size: int | None = None, progress: bool = True) -> np.ndarray:
-        """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only."""
+        """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only.
+
+        ``sampler``: a name in ``runtime.samplers.SAMPLERS``; ``steps`` network calls
+        (default all T) at timesteps chosen by ``spacing`` (see ``Schedule.respaced``).
+        """
         self._check_request(n, seed, eta, BYTES_PER_VALUE_FLOAT)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        sampler_options(sampler, variance=variance, eta=eta)  # fails before any work
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
-        schedule = self.schedule if steps is None else self.schedule.respaced(steps)
+        schedule = self.schedule.respaced(
+            self.schedule.num_timesteps if steps is None else steps, spacing)
         batch = self._batch_size(n, batch_size)
         starts = range(0, n, batch)
         bar = _progress_bar(progress, len(starts) * schedule.num_timesteps,

@@ -17,6 +17,7 @@ import numpy as np
 from .errors import check_int
 
 VARIANCES = ("fixedlarge", "fixedsmall")
+SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 
 
 class Schedule:
@@ -103,7 +104,7 @@ class Schedule:
     def from_config(cls, config: Mapping[str, Any]) -> Schedule:
         """Rebuild a schedule from ``schedule.config`` (as stored in files)."""
         kind = config.get("kind")
-        params = {k: v for k, v in config.items() if k not in ("kind", "respaced")}
+        params = {k: v for k, v in config.items() if k not in ("kind", "respaced", "spacing")}
         if kind == "linear":
             schedule = cls.linear(**params)
         elif kind == "cosine":
@@ -111,14 +112,16 @@ class Schedule:
         else:
             raise ValueError(f"unknown schedule kind {kind!r}; expected 'linear' or 'cosine'")
         if "respaced" in config:
-            schedule = schedule.respaced(int(config["respaced"]))
+            schedule = schedule.respaced(int(config["respaced"]),
+                                         config.get("spacing", "linspace"))
         return schedule
 
-    def respaced(self, num_steps: int) -> Schedule:
-        """A schedule over ``num_steps`` evenly spaced original timesteps (the last kept).
+    def respaced(self, num_steps: int, spacing: str = "linspace") -> Schedule:
+        """A schedule over ``num_steps`` of the original timesteps, chosen by ``spacing``.
 
         Betas are rebuilt from the kept ``alphas_cumprod`` (Improved DDPM, sec. 4),
-        so ``q(x_t | x_0)`` at every kept step is exactly the original one.
+        so ``q(x_t | x_0)`` at every kept step is exactly the original one. Keeping all
+        steps returns this schedule itself: ``respaced(T)`` changes nothing.
         """
         check_int(num_steps, "num_steps")
         if num_steps > self.num_timesteps:
@@ -126,11 +129,12 @@ class Schedule:
                 f"cannot respace {self.num_timesteps} steps to {num_steps}; "
                 f"choose 1 <= steps <= {self.num_timesteps}"
             )
-        # Both ends kept: index 0 (the last denoising step) and T-1 (where sampling starts).
-        keep = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, num_steps)).astype(int))
+        keep = spaced_timesteps(self.num_timesteps, num_steps, spacing)
+        if keep.size == self.num_timesteps:
+            return self
         kept_ab = self.alphas_cumprod[keep]
         betas = 1.0 - kept_ab / np.append(1.0, kept_ab[:-1])
-        config = dict(self.config, respaced=int(num_steps))
+        config = dict(self.config, respaced=int(num_steps), spacing=spacing)
         return Schedule(betas, timesteps=self.timesteps[keep], config=config)
 
     # === Math on arrays ===
@@ -187,23 +191,24 @@ class Schedule:
         3. add sigma_t * noise, except at t = 0 where the mean is returned.
         ``noise`` may be None only when every t is 0. Math in float64, result in x_t's dtype.
         """
+        from .samplers.ddpm import ancestral_update
+
         sigma = self.sigma(variance)
         x_t = _check_array(x_t, "x_t")
         idx = self._index(t, x_t)
         eps = _check_like(eps, x_t, "eps")
-        x64 = x_t.astype(np.float64)
-        x0 = (_coef(self.sqrt_recip_alphas_cumprod, idx, x_t) * x64
-              - _coef(self.sqrt_recipm1_alphas_cumprod, idx, x_t) * eps)
-        if clip_x0:
-            np.clip(x0, clip_range[0], clip_range[1], out=x0)
-        mean = (_coef(self.posterior_mean_coef1, idx, x_t) * x0
-                + _coef(self.posterior_mean_coef2, idx, x_t) * x64)
         if np.any(idx > 0):
             if noise is None:
                 raise ValueError("noise is required for steps with t > 0")
             noise = _check_like(noise, x_t, "noise")
-            mean += _coef(sigma, idx, x_t) * noise
-        return mean.astype(x_t.dtype, copy=False)
+        else:
+            noise = None
+        coefs = [_coef(a, idx, x_t) for a in (
+            self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod,
+            self.posterior_mean_coef1, self.posterior_mean_coef2, sigma)]
+        out = ancestral_update(x_t, eps, noise, *coefs, _clip(clip_x0, clip_range),
+                               np.empty(x_t.shape), np.empty(x_t.shape))
+        return out.astype(x_t.dtype, copy=False)
 
     def ddim_sigma(self, eta: float) -> np.ndarray:
         """DDIM's noise scale, eq. (16) of Song et al.: eta = 1 is the ancestral variance."""
@@ -219,24 +224,22 @@ class Schedule:
         1. predict x_0 and clip it; 2. re-derive eps from the clipped x_0 so the two agree;
         3. x_{t-1} = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
         """
-        sigma = self.ddim_sigma(eta)
+        from .samplers.ddim import ddim_coefficients, ddim_update
+
+        table = ddim_coefficients(self, eta)
         x_t = _check_array(x_t, "x_t")
         idx = self._index(t, x_t)
         eps = _check_like(eps, x_t, "eps")
-        x64 = x_t.astype(np.float64)
-        sqrt_recip = _coef(self.sqrt_recip_alphas_cumprod, idx, x_t)
-        sqrt_recipm1 = _coef(self.sqrt_recipm1_alphas_cumprod, idx, x_t)
-        x0 = sqrt_recip * x64 - sqrt_recipm1 * eps
-        if clip_x0:
-            np.clip(x0, clip_range[0], clip_range[1], out=x0)
-            eps = (sqrt_recip * x64 - x0) / sqrt_recipm1
-        ab_prev = _coef(self.alphas_cumprod_prev, idx, x_t)
-        sig = _coef(sigma, idx, x_t)
-        out = np.sqrt(ab_prev) * x0 + np.sqrt(np.maximum(1.0 - ab_prev - sig**2, 0.0)) * eps
         if eta > 0 and np.any(idx > 0):
             if noise is None:
                 raise ValueError("noise is required for DDIM steps with eta > 0 and t > 0")
-            out += sig * _check_like(noise, x_t, "noise")
+            noise = _check_like(noise, x_t, "noise")
+        else:
+            noise = None
+        coefs = [_coef(a, idx, x_t) for a in (
+            self.sqrt_recip_alphas_cumprod, self.sqrt_recipm1_alphas_cumprod, *table.T)]
+        out = ddim_update(x_t, eps, noise, *coefs, _clip(clip_x0, clip_range),
+                          np.empty(x_t.shape), np.empty(x_t.shape))
         return out.astype(x_t.dtype, copy=False)
 
     def _index(self, t, x):
@@ -259,6 +262,37 @@ class Schedule:
                 f"expected 0 <= t < {self.num_timesteps}"
             )
         return t_arr
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+    """The ``num_steps`` original timesteps (ascending) a respaced chain keeps.
+
+    "linspace": both ends, evenly between (rounded); "leading": 0, k, 2k, ... with
+    k = T // n; "trailing": T-1, T-1-T/n, ... (rounded), so the chain starts at T-1 but
+    stops short of 0; "quadratic" (DDIM paper): floor(0.8 T (j / (n-1))^2),
+    dense near the data, made strictly increasing where rounding would repeat a step.
+    """
+    T, n = num_timesteps, num_steps
+    if spacing == "linspace":
+        keep = np.round(np.linspace(0, T - 1, n)).astype(np.int64)
+    elif spacing == "leading":
+        keep = np.arange(n, dtype=np.int64) * (T // n)
+    elif spacing == "trailing":
+        keep = np.round(T - np.arange(n)[::-1] * (T / n)).astype(np.int64) - 1
+    elif spacing == "quadratic":
+        keep = np.floor(np.linspace(0.0, np.sqrt(0.8 * T), n) ** 2).astype(np.int64)
+        ramp = np.arange(n)
+        keep = np.maximum.accumulate(keep - ramp) + ramp
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    keep = np.unique(keep)
+    if keep.size != n or keep[0] < 0 or keep[-1] >= T:
+        raise ValueError(f"{spacing} spacing cannot keep {n} distinct steps of {T}")
+    return keep
+
+
+def _clip(clip_x0: bool, clip_range):
+    return (float(clip_range[0]), float(clip_range[1])) if clip_x0 else None
 
 
 def _coef(arr: np.ndarray, idx: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,126 @@
+"""The sampler interface and its registry.
+
+A sampler walks one (respaced) schedule from x_T to x_0 over its own rows of a batch.
+The caller owns the network and the loop: it feeds the network ``sampler.t`` (the
+original T-step index of the current step), draws noise when ``sampler.needs_noise``,
+and calls ``sampler.step(x, eps, noise)``, which updates the float32 state ``x`` in
+place. Everything a step needs (coefficient tables, a multistep solver's history) is
+built in ``__init__``, so a step allocates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from ..schedule import Schedule
+
+REGISTRY: dict[str, type[Sampler]] = {}
+
+
+def register(cls: type[Sampler]) -> type[Sampler]:
+    """Class decorator: make ``cls`` available under ``cls.name`` everywhere samplers are listed."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"sampler {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Sampler:
+    """One sampling run of ``schedule`` over a batch of ``shape`` ([B, ...]).
+
+    Subclasses set ``name`` and ``summary``, list the keyword options their ``__init__``
+    takes in ``options``, and implement :meth:`_step`. Step ``k`` (0-based, in calling
+    order) stands for schedule index ``num_steps - 1 - k``.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, schedule: Schedule, shape: Sequence[int], *, clip_x0: bool = True,
+                 clip_range=(-1.0, 1.0)):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be [B, ...] with positive sizes, got {shape}")
+        lo, hi = float(clip_range[0]), float(clip_range[1])
+        if not lo < hi:
+            raise ValueError(f"clip_range must be (low, high) with low < high, got {clip_range}")
+        self.schedule = schedule
+        self.shape = shape
+        self.clip = (lo, hi) if clip_x0 else None
+        self.num_steps = schedule.num_timesteps
+        # The network's t for each step, in calling order (original T-step indices).
+        self.timesteps = schedule.timesteps[::-1].astype(np.float32)
+        self.k = 0
+
+    @property
+    def done(self) -> bool:
+        return self.k >= self.num_steps
+
+    @property
+    def index(self) -> int:
+        """The schedule index of the current step."""
+        return self.num_steps - 1 - self.k
+
+    @property
+    def t(self) -> float:
+        """The network's t for the current step."""
+        if self.done:
+            raise IndexError(f"the sampler has taken all {self.num_steps} steps")
+        return float(self.timesteps[self.k])
+
+    @property
+    def needs_noise(self) -> bool:
+        """Whether the current step takes fresh N(0, I) noise."""
+        return False
+
+    def step(self, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None = None) -> None:
+        """Advance ``x`` (float32, this sampler's rows, updated in place) by one step."""
+        if self.done:
+            raise IndexError(f"the sampler has taken all {self.num_steps} steps")
+        if noise is None and self.needs_noise:
+            raise ValueError(f"step {self.k} of {self.name} needs noise")
+        self._step(x, eps, noise)
+        self.k += 1
+
+    def _step(self, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> None:
+        raise NotImplementedError
+
+
+def predict_x0(x: np.ndarray, eps: np.ndarray, recip, recipm1, clip, out: np.ndarray,
+               tmp: np.ndarray) -> np.ndarray:
+    """x_0 = sqrt(1/ab) x - sqrt(1/ab - 1) eps (eq. 15 solved for x_0), clipped, into ``out``.
+
+    float64 in ``out``; ``tmp`` is left holding sqrt(1/ab) x. The coefficients may be
+    scalars or arrays broadcasting against x (one per row).
+    """
+    np.multiply(x, recip, out=tmp, dtype=np.float64)
+    np.multiply(eps, recipm1, out=out, dtype=np.float64)
+    np.subtract(tmp, out, out=out)
+    if clip is not None:
+        np.clip(out, *clip, out=out)
+    return out
+
+
+def make_sampler(name: str, schedule: Schedule, shape: Sequence[int], *, clip_x0: bool = True,
+                 clip_range=(-1.0, 1.0), **options) -> Sampler:
+    """Build the registered sampler ``name``. Options set to None take the sampler's default;
+    an option the sampler does not take is an error."""
+    cls = sampler_class(name)
+    given = {k: v for k, v in options.items() if v is not None}
+    extra = sorted(set(given) - set(cls.options))
+    if extra:
+        takes = ", ".join(cls.options) or "no options"
+        raise ValueError(f"sampler {name!r} does not take {', '.join(extra)} (it takes {takes})")
+    return cls(schedule, shape, clip_x0=clip_x0, clip_range=clip_range, **given)
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown sampler {name!r}; expected one of {tuple(REGISTRY)}") from None

@@ -175,8 +175,8 @@ def test_all_command_writes_a_well_formed_report(tiny_onnx, tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
     cmd = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "all", str(tiny_onnx),
            "-n", "8", "--refs", "3", "--nll-images", "3", "--batch-size", "8",
-           "--ddpm-steps", "10",
-           "--ddim-steps", "5,2", "--out", str(out), "--no-progress"]
+           "--samplers", "ddpm,dpmpp_2m", "--nfe", "5,2", "--seeds", "0,1",
+           "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert list((tmp_path / "xdg" / "ddpm-deploy").glob("digits-classifier-*.npz"))
@@ -199,16 +199,24 @@ def test_all_command_writes_a_well_formed_report(tiny_onnx, tmp_path):
 
     table = report["steps"]
     rows = [(r["sampler"], r["steps"]) for r in table["rows"]]
-    assert rows == [("ddpm", 1000), ("ddpm", 10), ("ddim", 5), ("ddim", 2)]
+    assert rows == [("ddpm", 1000), ("ddpm", 2), ("ddpm", 5), ("dpmpp_2m", 2), ("dpmpp_2m", 5)]
     full = table["rows"][0]
-    assert full["fd"] == pytest.approx(quality["fd"])  # the full chain is sampled once, reused
+    # The full chain of seed 0 is sampled once and reused; each row averages both seeds.
+    assert full["fd_by_seed"][0] == pytest.approx(quality["fd"])
     for r in table["rows"]:
+        assert r["seeds"] == [0, 1] and len(r["fd_by_seed"]) == 2
+        assert r["fd"] == pytest.approx(np.mean(r["fd_by_seed"]))
+        assert r["fd_std"] == pytest.approx(np.std(r["fd_by_seed"], ddof=1))
         assert r["images_per_s"] > 0 and r["fd_ratio"] == pytest.approx(r["fd"] / full["fd"])
+    # Seeds differ, so their FDs do.
+    assert full["fd_by_seed"][0] != full["fd_by_seed"][1]
     rec = table["recommended"]
-    assert rec["fd"] <= 1.2 * full["fd"] and (rec["sampler"], rec["steps"]) in rows
+    assert rec["fd"] <= 1.1 * full["fd"] and (rec["sampler"], rec["steps"]) in rows
+    assert len(list((out / "samples").glob("*.npz"))) == 2 * len(rows)
 
     markdown = (out / "steps.md").read_text()
-    assert markdown.count("\n| DD") == 4 and "real vs real" in markdown
+    assert markdown.count("\n| DDPM |") == 3 and markdown.count("\n| DPMPP_2M |") == 2
+    assert "real vs real" in markdown
     from PIL import Image
 
     with Image.open(out / "steps.png") as png:

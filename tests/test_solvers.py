@@ -265,6 +265,11 @@ def test_every_sampler_is_stepwise_drivable_on_its_own_rows():
         np.testing.assert_array_equal(x, alone, err_msg=name)
         with pytest.raises(IndexError):
             solvers[0].step(x[:3], eps[:3])
+    fresh = make_sampler("ddpm", schedule, (3, 3, 2, 2))
+    with pytest.raises(ValueError, match="needs noise"):
+        fresh.step(x[:3], eps[:3])
+    with pytest.raises(ValueError, match="shape"):
+        fresh.step(x[:2], eps[:2], x[:2])
 
 
 def test_options_are_checked_per_sampler():

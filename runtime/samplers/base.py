@@ -81,6 +81,9 @@ class Sampler:
         """Advance ``x`` (float32, this sampler's rows, updated in place) by one step."""
         if self.done:
             raise IndexError(f"the sampler has taken all {self.num_steps} steps")
+        if x.shape != self.shape or eps.shape != self.shape or x.dtype != np.float32:
+            raise ValueError(f"{self.name} steps float32 x and eps of shape {self.shape}, got "
+                             f"x {x.dtype} {x.shape} and eps {eps.shape}")
         if noise is None and self.needs_noise:
             raise ValueError(f"step {self.k} of {self.name} needs noise")
         self._step(x, eps, noise)

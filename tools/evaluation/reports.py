@@ -62,6 +62,7 @@ def plot_steps(table: dict, baselines: dict, path: Path) -> Path:
     colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(samplers)}
     panels = [p for p in (("fd", "FD vs network calls") if "fd" in full else None,
                           ("images_per_s", "images/s")) if p]
+    # Both panels log-scaled: FDs span from the floor to ~20x it at 5 calls.
     pw, ph, m = 560, 400, 64
     img = Image.new("RGB", (pw * len(panels), ph), "white")
     draw = ImageDraw.Draw(img)
@@ -70,38 +71,36 @@ def plot_steps(table: dict, baselines: dict, path: Path) -> Path:
     lx0, lx1 = math.log10(min(xs)) - 0.1, math.log10(max(xs)) + 0.1
     for k, (key, title) in enumerate(panels):
         ox = k * pw
-        log_y = key == "images_per_s"
         spread = [r.get(f"{key}_std", 0.0) for r in rows] if key == "fd" else [0.0] * len(rows)
         refs = {"real vs real (floor)": baselines.get("real_vs_real"),
                 f"DDPM {T} steps": full[key] if key == "fd" else None}
         refs = {label: v for label, v in refs.items() if v}
-        values = [r[key] + s for r, s in zip(rows, spread, strict=True)] + list(refs.values())
-        if log_y:
-            values = [math.log10(v) for v in values] + [math.log10(full[key])]
-            y0, y1 = min(values) - 0.1, max(values) + 0.1
-        else:
-            y0, y1 = 0.0, max(values) * 1.1
+        values = ([r[key] + s for r, s in zip(rows, spread, strict=True)]
+                  + [max(r[key] - s, r[key] / 2) for r, s in zip(rows, spread, strict=True)]
+                  + list(refs.values()))
+        values = [math.log10(v) for v in values]
+        y0, y1 = min(values) - 0.1, max(values) + 0.1
 
-        def to_px(x, y, ox=ox, y0=y0, y1=y1, log_y=log_y):
+        def to_px(x, y, ox=ox, y0=y0, y1=y1):
             px = ox + m + (math.log10(x) - lx0) / (lx1 - lx0) * (pw - 2 * m)
-            yy = math.log10(y) if log_y else y
+            yy = math.log10(y)
             return px, ph - m - (yy - y0) / (y1 - y0) * (ph - 2 * m)
 
         draw.rectangle([ox + m, m, ox + pw - m, ph - m], outline="black")
-        draw.text((ox + m, m - 35), title + (" (log)" if log_y else ""), fill="black", font=font)
+        draw.text((ox + m, m - 35), title + " (log)", fill="black", font=font)
         draw.text((ox + pw // 2 - 60, ph - m + 22), "network calls (log)", fill="black",
                   font=font)
         for s in xs:
-            px, _ = to_px(s, 10 ** y0 if log_y else y0)
+            px, _ = to_px(s, 10 ** y0)
             draw.line([px, ph - m, px, ph - m + 5], fill="black")
             draw.text((px - 8, ph - m + 7), str(s), fill="black", font=font)
         for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
             yy = y0 + frac * (y1 - y0)
-            val = 10 ** yy if log_y else yy
+            val = 10 ** yy
             _, py = to_px(10 ** lx0, val)
             draw.line([ox + m - 5, py, ox + m, py], fill="black")
             draw.text((ox + 4, py - 7), f"{val:.3g}", fill="black", font=font)
-        if log_y:
+        if key != "fd":
             refs = {f"DDPM {T} steps": full[key]}
         for j, (label, value) in enumerate(refs.items()):
             _, py = to_px(10 ** lx0, value)
@@ -117,7 +116,7 @@ def plot_steps(table: dict, baselines: dict, path: Path) -> Path:
             for r, (px, py) in zip(mine, pts, strict=True):
                 draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colors[sampler])
                 if key == "fd" and r.get("fd_std"):
-                    _, lo = to_px(r["steps"], max(r["fd"] - r["fd_std"], 1e-9))
+                    _, lo = to_px(r["steps"], max(r["fd"] - r["fd_std"], r["fd"] / 2))
                     _, hi = to_px(r["steps"], r["fd"] + r["fd_std"])
                     draw.line([px, lo, px, hi], fill=colors[sampler], width=1)
             draw.text((ox + pw - m - 90, m + 8 + 16 * j), sampler.upper(),

@@ -15,6 +15,11 @@ class NonFiniteError(FloatingPointError):
     """The network produced NaN or inf during sampling."""
 
 
+class Cancelled(Exception):
+    """A sampling call was cancelled by its caller (a callback returned False, or a cancel
+    token was set). Nothing is broken: the pipeline stays usable."""
+
+
 def check_int(value, name: str, *, minimum: int = 1) -> None:
     """Raise ValueError unless ``value`` is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:

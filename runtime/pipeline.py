@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .backends import open_backend
-from .errors import check_int
+from .errors import Cancelled, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .samplers import ImageNoise, sample, sampler_options
@@ -20,7 +20,11 @@ DEFAULT_BATCH = 64
 
 
 class Pipeline:
-    """Samples images from an ε-network behind ``eps_fn``, as its record describes."""
+    """Samples images from an ε-network behind ``eps_fn``, as its record describes.
+
+    One pipeline may be shared by any number of threads: a call's state (its schedule,
+    sampler buffers and noise) is its own, and the backends are safe to call at once.
+    """
 
     def __init__(self, eps_fn: Callable, record: ModelRecord, *, source: str,
                  backend_name: str, max_batch: int | None = None, closer=None):
@@ -40,31 +44,57 @@ class Pipeline:
     def sample_float(self, n: int, seed: int = 0, *, sampler: str = "ddpm",
                      steps: int | None = None, spacing: str = "linspace",
                      variance: str = "fixedlarge", eta: float = 0.0,
-                     batch_size: int | None = None, progress: bool = True) -> np.ndarray:
+                     batch_size: int | None = None, progress: bool = True,
+                     callback: Callable[[int, int], bool | None] | None = None,
+                     cancel=None) -> np.ndarray:
         """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only.
 
         ``sampler``: a name in ``runtime.samplers.SAMPLERS``; ``steps`` network calls
         (default all T) at timesteps chosen by ``spacing`` (see ``Schedule.respaced``).
+        ``callback(step, total)`` runs after each network call (``total`` counts the steps
+        of every batch); returning False cancels. ``cancel``: a token such as a
+        ``threading.Event``, checked before each step. A cancelled call stops within one
+        step and raises :class:`~runtime.errors.Cancelled`; the pipeline stays usable.
         """
         self._check_request(n, seed, eta, BYTES_PER_VALUE_FLOAT)
         sampler_options(sampler, variance=variance, eta=eta)  # fails before any work
+        if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+            raise TypeError(f"cancel must have an is_set() method (e.g. threading.Event), "
+                            f"got {type(cancel).__name__}")
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
         schedule = self.schedule.respaced(
             self.schedule.num_timesteps if steps is None else steps, spacing)
         batch = self._batch_size(n, batch_size)
         starts = range(0, n, batch)
-        bar = _progress_bar(progress, len(starts) * schedule.num_timesteps,
-                            f"{sampler} {schedule.num_timesteps} steps")
+        total = len(starts) * schedule.num_timesteps
+        bar = _progress_bar(progress, total, f"{sampler} {schedule.num_timesteps} steps")
         out = np.empty((n, *self.image_shape), np.float32)
+        steps_done = 0
+
+        def check_cancel():
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"sampling cancelled after {steps_done} of {total} steps")
+
+        def on_step(_i, _x):
+            nonlocal steps_done
+            steps_done += 1
+            if bar:
+                bar.update(1)
+            if callback is not None and callback(steps_done, total) is False:
+                raise Cancelled(f"sampling cancelled by the callback after {steps_done} of "
+                                f"{total} steps")
+            if steps_done < total:
+                check_cancel()
+
         try:
             for start in starts:
+                check_cancel()
                 stop = min(start + batch, n)
                 noise = ImageNoise(seed, range(start, stop))
                 x = sample(self.eps_fn, schedule, (stop - start, *self.image_shape), noise,
                            sampler=sampler, variance=variance, eta=eta, clip_x0=True,
-                           clip_range=self.record.data_range,
-                           callback=(lambda *_: bar.update(1)) if bar else None)
+                           clip_range=self.record.data_range, callback=on_step)
                 out[start:stop] = x
         finally:
             if bar:

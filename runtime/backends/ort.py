@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,6 +60,9 @@ class OrtBackend:
     ``threads`` runs on a session whose operators use every thread instead. Each kind
     is opened when first needed, and one that never ran is let go when the other opens,
     so a caller that uses one batch size holds one copy of the weights.
+
+    One backend may be called from any number of threads at once: sessions are opened
+    under a lock, and a call keeps the session it started with.
     """
 
     def __init__(self, path, *, device: str = "cpu", threads: int | None = None,
@@ -97,11 +101,12 @@ class OrtBackend:
             self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), str(self.path)
         )
         self._check_signature()
-        self._binding = self.session.io_binding() if device != "cpu" else None
+        self._gpu = device != "cpu"
         # CPU sessions by kind: "shard" (one thread, the one opened above) and "wide"
         # (every thread on each operator, for batches smaller than threads).
         self._cpu = {"shard": self.session} if device == "cpu" else {}
         self._ran: set[str] = set()
+        self._lock = threading.Lock()
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ort-shard")
                       if device == "cpu" and self.threads > 1 else None)
 
@@ -167,29 +172,34 @@ class OrtBackend:
         if t.dtype != np.float32 or t.shape != (x.shape[0],):
             raise ValueError(f"t must be float32 [{x.shape[0]}], got {t.dtype} {list(t.shape)}")
         x, t = np.ascontiguousarray(x), np.ascontiguousarray(t)
-        if self._binding is None:
+        if not self._gpu:
             return self._run_cpu(x, t)
         # On a GPU: bind host inputs and let ORT allocate eps on the device, one copy back.
-        self._binding.bind_cpu_input("x", x)
-        self._binding.bind_cpu_input("t", t)
-        self._binding.bind_output("eps", "cuda")
-        self.session.run_with_iobinding(self._binding)
-        return self._binding.copy_outputs_to_cpu()[0]
+        # A binding per call: a shared one would mix concurrent callers' tensors.
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("x", x)
+        binding.bind_cpu_input("t", t)
+        binding.bind_output("eps", "cuda")
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def _cpu_session(self, kind: str):
-        if kind not in self._cpu:
-            for unused in set(self._cpu) - self._ran:
-                if self.session is self._cpu.pop(unused):
-                    self.session = None  # the last reference: its memory goes before the next
-            self._cpu[kind] = self._open(PROVIDERS["cpu"], 1 if kind == "shard" else self.threads)
-        self._ran.add(kind)
-        self.session = self._cpu[kind]
-        return self.session
+        with self._lock:
+            if kind not in self._cpu:
+                # A session handed out is in _ran, so none still running is let go here.
+                for unused in set(self._cpu) - self._ran:
+                    if self.session is self._cpu.pop(unused):
+                        self.session = None  # the last reference: its memory goes first
+                self._cpu[kind] = self._open(PROVIDERS["cpu"],
+                                             1 if kind == "shard" else self.threads)
+            self._ran.add(kind)
+            self.session = self._cpu[kind]
+            return self.session
 
     def _run_cpu(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         batch = x.shape[0]
         if self._pool is None:
-            return self.session.run(["eps"], {"x": x, "t": t})[0]
+            return self._cpu_session("shard").run(["eps"], {"x": x, "t": t})[0]
         if batch < self.threads:
             return self._cpu_session("wide").run(["eps"], {"x": x, "t": t})[0]
         session = self._cpu_session("shard")
@@ -211,8 +221,8 @@ class OrtBackend:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        self._binding = None
-        self._cpu.clear()
+        with self._lock:
+            self._cpu.clear()
         self.session = None
 
     def __enter__(self):

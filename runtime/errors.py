@@ -20,6 +20,11 @@ class Cancelled(Exception):
     token was set). Nothing is broken: the pipeline stays usable."""
 
 
+class Overloaded(RuntimeError):
+    """A sampling engine refused a request at once: its waiting queue is full, or it is
+    shutting down. Retry later, or on another server."""
+
+
 def check_int(value, name: str, *, minimum: int = 1) -> None:
     """Raise ValueError unless ``value`` is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:

@@ -1,0 +1,433 @@
+"""Step-level batching: images of many requests share each network call.
+
+The network takes ``t`` per image ([B]), so images at different timesteps, from different
+requests, samplers and step counts can run in one call. The :class:`Engine` keeps a running
+batch of *groups*: a group is a slice of one request's images admitted together, with its
+own sampler state, its own noise streams (``ImageNoise(seed, range(lo, hi))``: image k
+depends on (seed, k) only) and its own schedule position. Every tick it makes one network
+call over all rows, applies each group's own step to its rows, retires finished groups and
+admits waiting images first come, first served. An image served this way is the image
+``Pipeline.sample(n, seed, ...)`` gives with the same options, bit for bit, wherever the
+network's output for a row does not depend on the other rows of its batch (ONNX Runtime
+on the CPU: tested).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import Cancelled, NonFiniteError, Overloaded, check_int
+from .metadata import ModelRecord
+from .samplers import SAMPLERS, ImageNoise, _Stepper, draw_noise
+from .schedule import VARIANCES, Schedule
+
+OUTCOMES = ("done", "cancelled", "failed")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asks of the sampler; checked by :meth:`Engine.submit`."""
+
+    sampler: str = "ddpm"
+    steps: int | None = None  # None: the model's full chain
+    variance: str = "fixedlarge"
+    eta: float = 0.0
+
+
+class StepSampler:
+    """One group's sampling state over its rows: built from a schedule, the group's batch
+    shape and the options; exposes the model ``t`` of its current step; :meth:`step` updates
+    the rows in place from eps and noise. Same math as :func:`runtime.samplers.sample`."""
+
+    def __init__(self, schedule: Schedule, shape, options: Options, clip_range):
+        self._stepper = _Stepper(schedule, shape, sampler=options.sampler,
+                                 variance=options.variance, eta=options.eta, clip_x0=True,
+                                 clip_range=clip_range)
+        self._timesteps = schedule.timesteps
+        self._noisy = options.sampler == "ddpm" or options.eta > 0
+        self.index = schedule.num_timesteps - 1
+
+    @property
+    def t_model(self) -> float:
+        return float(self._timesteps[self.index])
+
+    @property
+    def needs_noise(self) -> bool:
+        return self.index > 0 and self._noisy
+
+    @property
+    def finished(self) -> bool:
+        return self.index < 0
+
+    def step(self, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> None:
+        self._stepper(x, self.index, eps, noise)
+        self.index -= 1
+
+
+class Job:
+    """A submitted request: wait with :meth:`result`, stop with :meth:`cancel`.
+
+    ``on_progress(steps_done, steps_total)`` and ``on_done(job)`` run on the engine's
+    thread; ``on_progress`` returning False cancels. Steps count per image.
+    """
+
+    def __init__(self, n: int, seed: int, options: Options, steps: int, image_shape,
+                 on_progress, on_done):
+        self.id = uuid.uuid4().hex
+        self.n, self.seed, self.options, self.steps = n, seed, options, steps
+        self.steps_total = n * steps
+        self.steps_done = 0
+        self.status = "queued"  # queued -> running -> done | cancelled | failed
+        self.error: BaseException | None = None
+        self.submitted = time.monotonic()
+        self._image_shape = image_shape
+        self._out: np.ndarray | None = None  # allocated when the first image is admitted
+        self._admitted = 0  # images handed to groups so far (the next image index)
+        self._finished = 0  # images written to _out
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._on_progress, self._on_done = on_progress, on_done
+
+    def cancel(self) -> None:
+        """Ask for a stop; the engine frees this request's rows at its next tick."""
+        self._cancel.set()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> np.ndarray:
+        """float32 [n, C, H, W]; raises Cancelled, the failure, or TimeoutError."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} still {self.status} after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self._out
+
+
+class _Group:
+    """A slice [lo, hi) of one job's images, sampled together."""
+
+    def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, clip_range):
+        shape = (hi - lo, *job._image_shape)
+        self.job, self.lo, self.hi = job, lo, hi
+        self.noise = ImageNoise(job.seed, range(lo, hi))
+        self.sampler = StepSampler(schedule, shape, job.options, clip_range)
+        self.x = np.array(draw_noise(self.noise, shape), dtype=np.float32, order="C")
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+class Engine:
+    """A scheduler that batches sampling steps across requests.
+
+    ``max_batch``: images in flight (rows of one network call). ``max_queue``: requests
+    waiting for rows; a request beyond it is refused at once (:class:`Overloaded`).
+    ``max_n``, ``max_steps``: per-request limits. ``batching=False`` serves each request
+    alone, in arrival order (its images ``max_batch`` at a time), to compare against.
+    Call :meth:`tick` yourself, or :meth:`start` a thread that ticks while there is work.
+    """
+
+    def __init__(self, eps_fn: Callable, record: ModelRecord, *, max_batch: int = 64,
+                 max_queue: int = 256, max_n: int = 64, max_steps: int | None = None,
+                 batching: bool = True):
+        for value, name in [(max_batch, "max_batch"), (max_queue, "max_queue"),
+                            (max_n, "max_n")]:
+            check_int(value, name)
+        self.eps_fn, self.record = eps_fn, record
+        self.schedule = record.build_schedule()
+        self.max_steps = self.schedule.num_timesteps if max_steps is None else max_steps
+        check_int(self.max_steps, "max_steps")
+        self.max_batch, self.max_queue, self.max_n = max_batch, max_queue, max_n
+        self.batching = batching
+        self.image_shape = tuple(record.image_shape)
+        self._schedules: dict[int, Schedule] = {}
+        self._queue: deque[Job] = deque()  # jobs with images not yet admitted, FIFO
+        self._groups: list[_Group] = []  # the running batch, touched by the ticking thread
+        self._live: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._x = np.empty((max_batch, *self.image_shape), np.float32)
+        self._t = np.empty(max_batch, np.float32)
+        # Counters for metrics: read with snapshot().
+        self.ticks = 0
+        self.rows_run = 0
+        self.network_seconds = 0.0
+        self.images_done = 0
+        self.outcomes: Counter[str] = Counter()
+        self.refused = 0
+
+    # === Requests ===
+
+    def check(self, n, seed, options: Options) -> int:
+        """Raise ValueError naming the first bad field; return the step count."""
+        check_int(n, "n")
+        if n > self.max_n:
+            raise ValueError(f"n must be at most {self.max_n} on this engine, got {n}; "
+                             "split the request")
+        check_int(seed, "seed", minimum=0)
+        if options.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {options.sampler!r}; expected one of {SAMPLERS}")
+        if options.variance not in VARIANCES:
+            raise ValueError(f"unknown variance {options.variance!r}; expected one of "
+                             f"{VARIANCES}")
+        eta = options.eta
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (
+                math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        steps = self.schedule.num_timesteps if options.steps is None else options.steps
+        check_int(steps, "steps")
+        limit = min(self.max_steps, self.schedule.num_timesteps)
+        if steps > limit:
+            raise ValueError(f"steps must be at most {limit} on this engine, got {steps}")
+        return steps
+
+    def submit(self, n: int, seed: int, options: Options = Options(), *,
+               on_progress: Callable[[int, int], bool | None] | None = None,
+               on_done: Callable[[Job], None] | None = None) -> Job:
+        """Queue a request; raises ValueError for bad options, Overloaded when full."""
+        steps = self.check(n, seed, options)
+        self._schedule(steps)  # built now, so a bad step count never reaches a tick
+        job = Job(n, seed, options, steps, self.image_shape, on_progress, on_done)
+        with self._lock:
+            if self._closed:
+                self.refused += 1
+                raise Overloaded("the engine is shutting down; retry on another server")
+            if len(self._queue) >= self.max_queue:
+                self.refused += 1
+                raise Overloaded(f"the queue is full ({self.max_queue} requests waiting); "
+                                 "retry later")
+            self._queue.append(job)
+            self._live[job.id] = job
+            self._wake.notify()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """A queued or running job by id (finished ones are forgotten)."""
+        with self._lock:
+            return self._live.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        job = self.get(job_id)
+        if job is None:
+            return False
+        job.cancel()
+        with self._lock:
+            self._wake.notify()
+        return True
+
+    def _schedule(self, steps: int) -> Schedule:
+        schedule = self._schedules.get(steps)
+        if schedule is None:
+            full = self.schedule
+            schedule = full if steps == full.num_timesteps else full.respaced(steps)
+            self._schedules[steps] = schedule
+        return schedule
+
+    # === The loop ===
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._queue and not self._groups
+
+    def tick(self) -> int:
+        """Drop cancelled work, admit waiting images, run one step for every row.
+        Returns the rows that ran (0: nothing to do)."""
+        self._drop_cancelled()
+        self._admit()
+        groups = self._groups
+        if not groups:
+            return 0
+        rows = sum(g.rows for g in groups)
+        x, t = self._x[:rows], self._t[:rows]
+        pos = 0
+        for g in groups:
+            x[pos:pos + g.rows] = g.x
+            t[pos:pos + g.rows] = g.sampler.t_model
+            pos += g.rows
+        start = time.perf_counter()
+        try:
+            eps = np.asarray(self.eps_fn(x, t))
+            if eps.shape != x.shape:
+                raise ValueError(f"the network returned shape {eps.shape}, expected {x.shape}")
+        except Exception as err:  # every job in this call fails; the others go on
+            for job in {g.job.id: g.job for g in groups}.values():
+                self._finish(job, "failed", err)
+            return rows
+        finally:
+            self.network_seconds += time.perf_counter() - start
+            self.ticks += 1
+            self.rows_run += rows
+        pos = 0
+        advanced: dict[str, Job] = {}
+        finished: list[_Group] = []
+        for g in list(groups):
+            e = eps[pos:pos + g.rows]
+            pos += g.rows
+            job = g.job
+            if job.status != "running":
+                continue  # failed by an earlier group this tick
+            if not np.isfinite(e).all():
+                self._finish(job, "failed", NonFiniteError(
+                    f"the network returned NaN or inf at step t={int(g.sampler.t_model)}; "
+                    "check the model file"))
+                continue
+            noise = (g.noise.standard_normal(self.image_shape) if g.sampler.needs_noise
+                     else None)
+            g.sampler.step(g.x, e, noise)
+            job.steps_done += g.rows
+            advanced[job.id] = job
+            if g.sampler.finished:
+                finished.append(g)
+        for job in advanced.values():
+            if job.status == "running":
+                self._progress(job)
+        for g in finished:
+            if g.job.status == "running":
+                self._retire(g)
+        return rows
+
+    def _admit(self) -> None:
+        free = self.max_batch - sum(g.rows for g in self._groups)
+        taken: list[tuple[Job, int, int]] = []
+        with self._lock:
+            while self._queue and free > 0:
+                if not self.batching and (self._groups or taken):
+                    break  # request at a time: the next waits for an empty batch
+                job = self._queue[0]
+                lo = job._admitted
+                hi = min(job.n, lo + free)
+                job._admitted = hi
+                free -= hi - lo
+                taken.append((job, lo, hi))
+                if hi == job.n:
+                    self._queue.popleft()
+        for job, lo, hi in taken:
+            if job.status == "queued":
+                job.status = "running"
+                job._out = np.empty((job.n, *self.image_shape), np.float32)
+            if job.status == "running":
+                self._groups.append(_Group(job, lo, hi, self._schedule(job.steps),
+                                           self.record.data_range))
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled = {j.id: j for j in self._queue if j.cancel_requested}
+        cancelled.update({g.job.id: g.job for g in self._groups if g.job.cancel_requested})
+        for job in cancelled.values():
+            if job.status in ("queued", "running"):
+                self._finish(job, "cancelled", Cancelled(
+                    f"request {job.id} cancelled after {job.steps_done} of "
+                    f"{job.steps_total} image steps"))
+
+    def _retire(self, g: _Group) -> None:
+        job = g.job
+        job._out[g.lo:g.hi] = g.x
+        job._finished += g.rows
+        self._groups.remove(g)
+        self.images_done += g.rows
+        if job._finished == job.n:
+            self._finish(job, "done", None)
+
+    def _progress(self, job: Job) -> None:
+        if job._on_progress is None:
+            return
+        try:
+            keep = job._on_progress(job.steps_done, job.steps_total)
+        except Exception as err:
+            self._finish(job, "failed", err)
+            return
+        if keep is False:
+            job.cancel()
+
+    def _finish(self, job: Job, outcome: str, error: BaseException | None) -> None:
+        """Leave the queue and the batch, record the outcome, wake waiters (once)."""
+        if job.status in OUTCOMES:
+            return
+        self._groups[:] = [g for g in self._groups if g.job is not job]
+        with self._lock:
+            if job._admitted < job.n and job in self._queue:
+                self._queue.remove(job)
+            self._live.pop(job.id, None)
+        job.status, job.error = outcome, error
+        if outcome != "done":
+            job._out = None
+        self.outcomes[outcome] += 1
+        job._done.set()
+        if job._on_done is not None:
+            try:
+                job._on_done(job)
+            except Exception:  # a listener's failure must not stop the engine
+                pass
+
+    # === A thread that ticks ===
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sampling-engine",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._queue or self._groups or self._closed):
+                    self._wake.wait()
+                if self._closed and not (self._queue or self._groups):
+                    return
+            try:
+                self.tick()
+            except Exception as err:  # a bug must not leave requests waiting forever
+                for job in {g.job.id: g.job for g in self._groups}.values():
+                    self._finish(job, "failed", err)
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; finish (``drain``) or cancel the ones held, then stop."""
+        with self._lock:
+            self._closed = True
+            held = list(self._live.values())
+            self._wake.notify()
+        if not drain:
+            for job in held:
+                job.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():  # drain ran out of time: cancel what is left
+                for job in held:
+                    job.cancel()
+                self._thread.join()
+        else:
+            while self.tick():
+                pass
+
+    # === Metrics ===
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            queued = len(self._queue)
+            waiting = sum(j.n - j._admitted for j in self._queue)
+        in_flight = sum(g.rows for g in list(self._groups))
+        return {
+            "queue_requests": queued, "queue_images": waiting, "images_in_flight": in_flight,
+            "max_batch": self.max_batch, "ticks": self.ticks, "rows_run": self.rows_run,
+            "batch_fill": self.rows_run / (self.ticks * self.max_batch) if self.ticks else 0.0,
+            "network_seconds": self.network_seconds, "images_done": self.images_done,
+            "requests": {k: self.outcomes[k] for k in OUTCOMES}, "refused": self.refused,
+        }
+

@@ -125,5 +125,44 @@ def info_cmd(model, backend, device, threads):
     click.echo("\n".join(lines))
 
 
+@main.command("serve")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="0 picks a free port (printed)")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="images in flight: rows of one network call")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="requests waiting for rows; more are refused with 429")
+@click.option("--max-n", type=click.IntRange(min=1), default=64, show_default=True,
+              help="images per request")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="steps per request (default: the model's T)")
+@click.option("--batching/--no-batching", default=True, show_default=True,
+              help="step-level batching across requests, or one request at a time")
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="seconds in-flight requests get to finish on SIGTERM before cancelling")
+@_backend_options
+def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batching, grace,
+              backend, device, threads):
+    """Serve MODEL over HTTP: POST /v1/samples, /healthz, /v1/model, /metrics."""
+    try:
+        from .server import serve
+    except ImportError as err:
+        raise click.ClickException(f"the server needs its extra ({err.name} is missing): "
+                                   "pip install .[serve]") from None
+    from .pipeline import load
+
+    try:
+        with load(model, backend=backend, device=device, threads=threads) as pipe:
+            serve(pipe, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+                  max_n=max_n, max_steps=max_steps, batching=batching, grace=grace,
+                  log=lambda line: click.echo(line))
+    except USER_ERRORS as err:
+        raise click.ClickException(str(err)) from None
+    except OSError as err:  # the address is taken or not ours
+        raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
 if __name__ == "__main__":
     sys.exit(main())

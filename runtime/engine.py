@@ -80,8 +80,8 @@ class Job:
     """
 
     def __init__(self, n: int, seed: int, options: Options, steps: int, image_shape,
-                 on_progress, on_done):
-        self.id = uuid.uuid4().hex
+                 on_progress, on_done, job_id: str | None = None):
+        self.id = job_id or uuid.uuid4().hex
         self.n, self.seed, self.options, self.steps = n, seed, options, steps
         self.steps_total = n * steps
         self.steps_done = 0
@@ -199,12 +199,16 @@ class Engine:
 
     def submit(self, n: int, seed: int, options: Options = Options(), *,
                on_progress: Callable[[int, int], bool | None] | None = None,
-               on_done: Callable[[Job], None] | None = None) -> Job:
-        """Queue a request; raises ValueError for bad options, Overloaded when full."""
+               on_done: Callable[[Job], None] | None = None,
+               job_id: str | None = None) -> Job:
+        """Queue a request; raises ValueError for bad options or an id already in use,
+        Overloaded when full."""
         steps = self.check(n, seed, options)
         self._schedule(steps)  # built now, so a bad step count never reaches a tick
-        job = Job(n, seed, options, steps, self.image_shape, on_progress, on_done)
+        job = Job(n, seed, options, steps, self.image_shape, on_progress, on_done, job_id)
         with self._lock:
+            if job.id in self._live:
+                raise ValueError(f"request id {job.id!r} is already in use")
             if self._closed:
                 self.refused += 1
                 raise Overloaded("the engine is shutting down; retry on another server")

@@ -1,0 +1,325 @@
+"""The real server: `python -m runtime serve` on a free localhost port, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import importlib.util
+import io
+import json
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.images import make_grid
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+SERVE_EXTRA = ("starlette", "uvicorn", "prometheus_client")
+NO_EXTRA = any(importlib.util.find_spec(m) is None for m in SERVE_EXTRA)
+needs_serve = pytest.mark.skipif(NO_EXTRA, reason="the server extra is not installed "
+                                 "(pip install .[serve])")
+
+
+def test_without_the_extra_serve_says_what_to_install(tiny_onnx):
+    """The base install has no server: `serve` names the extra in one line."""
+    block = ("import sys, importlib.abc\n"
+             "class Block(importlib.abc.MetaPathFinder):\n"
+             "    def find_spec(self, name, *a):\n"
+             "        if name.split('.')[0] in ('starlette', 'uvicorn', 'prometheus_client'):\n"
+             "            raise ModuleNotFoundError(name=name)\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "from runtime.cli import main\n"
+             f"main(['serve', {str(tiny_onnx)!r}, '--port', '0'])\n")
+    run = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().count("\n") == 0 and "pip install .[serve]" in run.stderr
+
+
+class Server:
+    """`python -m runtime serve MODEL --port 0 ...` as a subprocess; the port is read from
+    the line it prints once listening."""
+
+    def __init__(self, model: Path, *args: str):
+        cmd = [sys.executable, "-m", "runtime", "serve", str(model), "--host", HOST,
+               "--port", "0", "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
+                         daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
+                         daemon=True).start()
+        try:
+            line = self.lines.get(timeout=60)
+        except queue.Empty:
+            self.proc.kill()
+            raise AssertionError(f"the server did not start: {''.join(self.stderr)}") from None
+        assert "serving" in line, line
+        self.port = int(line.split(f"http://{HOST}:")[1].split()[0])
+
+    @staticmethod
+    def _pump(stream, put):
+        for line in stream:
+            put(line)
+
+    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
+                headers=None, timeout: float = 60):
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=data, headers=headers or {})
+        response = conn.getresponse()
+        result = response.status, dict(response.getheaders()), response.read()
+        conn.close()
+        return result
+
+    def metrics(self) -> dict[str, float]:
+        status, _, body = self.request("GET", "/metrics")
+        assert status == 200
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                values[s.name + (f"{{{label}}}" if label else "")] = s.value
+        return values
+
+    def wait_metric(self, name: str, test, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.metrics().get(name, 0.0)
+            if test(value):
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"{name} stayed at {self.metrics().get(name)}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    if NO_EXTRA:
+        pytest.skip("the server extra is not installed (pip install .[serve])")
+    srv = Server(tiny_onnx, "--max-batch", "8", "--max-n", "16")
+    yield srv
+    assert srv.stop() == 0, "".join(srv.stderr)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_onnx):
+    with runtime.load(tiny_onnx, threads=1) as pipe:
+        yield pipe
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_health_model_and_metrics(server, local):
+    assert server.request("GET", "/healthz")[0] == 200
+    status, _, body = server.request("GET", "/v1/model")
+    info = json.loads(body)
+    assert status == 200 and info["record"] == json.loads(local.record.to_json())
+    assert info["limits"]["max_batch"] == 8 and info["limits"]["max_n"] == 16
+    metrics = server.metrics()
+    for name in ("ddpm_queue_requests", "ddpm_images_in_flight", "ddpm_batch_fill",
+                 "ddpm_network_seconds_total", "ddpm_requests_total{outcome=done}"):
+        assert name in metrics
+
+
+REQUESTS = [{"n": 3, "seed": 5, "sampler": "ddim", "steps": 7, "format": "png"},
+            {"n": 2, "seed": 6, "sampler": "ddpm", "steps": 9, "variance": "fixedsmall",
+             "format": "grid"},
+            {"n": 4, "seed": 7, "sampler": "ddim", "steps": 5, "eta": 1.0, "format": "npz"},
+            {"n": 5, "seed": 8, "sampler": "ddpm", "steps": 4, "format": "png"}]
+
+
+def _decode(fmt: str, body: bytes, headers) -> tuple[np.ndarray, dict]:
+    if fmt == "png":
+        data = json.loads(body)
+        return np.stack([_png_array(base64.b64decode(p)) for p in data["images"]]), data
+    if fmt == "npz":
+        with np.load(io.BytesIO(body)) as z:
+            return z["images"], json.loads(str(z["options"]))
+    return _png_array(body), json.loads(headers["x-sample-options"])
+
+
+def test_images_equal_a_local_pipeline_in_every_format(server, local):
+    before = server.metrics()["ddpm_ticks_total"]
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:  # at once: they share network calls
+        replies = list(pool.map(lambda r: server.request("POST", "/v1/samples", r), REQUESTS))
+    for req, (status, headers, body) in zip(REQUESTS, replies, strict=True):
+        assert status == 200, body
+        got, echo = _decode(req["format"], body, headers)
+        options = {k: req[k] for k in ("sampler", "steps", "variance", "eta") if k in req}
+        want = local.sample(req["n"], req["seed"], progress=False, **options)
+        if req["format"] == "grid":
+            want = make_grid(want)[..., 0]
+        else:
+            got = got.reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
+        assert echo["seed"] == req["seed"] and echo["n"] == req["n"]
+        assert echo["steps"] == req["steps"] and echo["sampler"] == req["sampler"]
+    ticks = server.metrics()["ddpm_ticks_total"] - before
+    assert ticks < sum(r["steps"] * -(-r["n"] // 8) for r in REQUESTS) or len(REQUESTS) == 1
+
+
+BAD = [
+    ("POST", "/v1/samples", b"{not json", 400),
+    ("POST", "/v1/samples", b"[1, 2]", 400),
+    ("POST", "/v1/samples", b'{"n": 1, "colour": "red"}', 400),
+    ("POST", "/v1/samples", b'{"n": "4"}', 400),
+    ("POST", "/v1/samples", b'{"n": 1.5}', 400),
+    ("POST", "/v1/samples", b'{"n": null}', 400),
+    ("POST", "/v1/samples", b'{"n": 0}', 422),
+    ("POST", "/v1/samples", b'{"n": 17}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": -3}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "steps": 1001}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "steps": 0}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "sampler": "euler"}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "variance": 3}', 400),
+    ("POST", "/v1/samples", b'{"n": 1, "eta": -1}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "eta": "much"}', 400),
+    ("POST", "/v1/samples", b'{"n": 1, "format": "gif"}', 400),
+    ("POST", "/v1/samples", b'{"n": 1, "stream": "yes"}', 400),
+    ("POST", "/v1/samples", b'{"n": 1, "id": "../x"}', 400),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": 99999999999999999999999}', 422),
+    ("POST", "/v1/samples", b"\xff\xfe", 400),
+    ("POST", "/v1/samples", b'{"n": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
+    ("GET", "/v1/samples", None, 405),
+    ("DELETE", "/v1/samples/nothing-here", None, 404),
+    ("GET", "/no/such/page", None, 404),
+]
+
+
+def test_every_bad_request_gets_a_4xx_json_error(server):
+    for method, path, raw, want in BAD:
+        status, headers, body = server.request(method, path, raw=raw)
+        assert status == want, (raw, status, body)
+        assert headers["content-type"].startswith("application/json"), (raw, headers)
+        assert "error" in json.loads(body) and b"Traceback" not in body
+    assert server.request("GET", "/healthz")[0] == 200
+    assert server.metrics()["ddpm_requests_total{outcome=invalid}"] >= 19
+
+
+def test_stream_reports_progress_then_the_result(server, local):
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    conn.request("POST", "/v1/samples", body=json.dumps(
+        {"n": 2, "seed": 3, "sampler": "ddpm", "steps": 300, "stream": True}))
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("content-type").startswith("text/event-stream")
+    events = []
+    for chunk in response.read().decode().split("\n\n"):
+        if chunk.strip():
+            kind, data = chunk.split("\n", 1)
+            events.append((kind.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    conn.close()
+    assert events[0][0] == "accepted" and events[-1][0] == "result"
+    done = [e["steps_done"] for kind, e in events if kind == "progress"]
+    assert done and done == sorted(done) and done[-1] <= 600
+    result = events[-1][1]
+    assert result["media_type"] == "image/png" and result["seed"] == 3
+    want = make_grid(local.sample(2, 3, sampler="ddpm", steps=300, progress=False))[..., 0]
+    np.testing.assert_array_equal(_png_array(base64.b64decode(result["data"])), want)
+
+
+def _in_background(fn, *args):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("reply", fn(*args)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_delete_and_disconnect_cancel_and_free_rows(server):
+    cancelled = server.metrics().get("ddpm_requests_total{outcome=cancelled}", 0.0)
+    # 16 images in two groups of max_batch 8: 2000 ticks, long enough to cancel midway.
+    long = {"n": 16, "seed": 1, "sampler": "ddpm", "steps": 1000, "id": "long-1"}
+    thread, out = _in_background(server.request, "POST", "/v1/samples", long)
+    server.wait_metric("ddpm_images_in_flight", lambda v: v >= 8)
+    status, _, body = server.request("DELETE", "/v1/samples/long-1")
+    assert status == 202, body
+    thread.join(30)
+    assert out["reply"][0] == 409 and "cancelled" in json.loads(out["reply"][2])["error"]
+    server.wait_metric("ddpm_images_in_flight", lambda v: v == 0)
+    server.wait_metric("ddpm_requests_total{outcome=cancelled}", lambda v: v == cancelled + 1)
+
+    # A client that hangs up cancels its request.
+    sock = socket.create_connection((HOST, server.port), timeout=30)
+    body = json.dumps({"n": 16, "seed": 2, "sampler": "ddpm", "steps": 1000}).encode()
+    sock.sendall(b"POST /v1/samples HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    server.wait_metric("ddpm_images_in_flight", lambda v: v >= 8)
+    sock.close()
+    server.wait_metric("ddpm_images_in_flight", lambda v: v == 0)
+    server.wait_metric("ddpm_requests_total{outcome=cancelled}", lambda v: v == cancelled + 2)
+
+
+@needs_serve
+def test_full_queue_is_refused_at_once_and_sigterm_cancels_and_exits_0(tiny_onnx):
+    srv = Server(tiny_onnx, "--max-batch", "1", "--max-queue", "2", "--grace", "0")
+    try:
+        long = {"n": 1, "seed": 0, "sampler": "ddpm", "steps": 1000}
+        # 16 images one at a time: 16000 ticks, still running when SIGTERM comes.
+        first, first_out = _in_background(srv.request, "POST", "/v1/samples",
+                                          long | {"id": "a", "n": 16})
+        srv.wait_metric("ddpm_images_in_flight", lambda v: v == 1)
+        second, second_out = _in_background(srv.request, "POST", "/v1/samples",
+                                             long | {"id": "b"})
+        # a's other 15 images wait for rows too: a counts in the queue until admitted.
+        srv.wait_metric("ddpm_queue_requests", lambda v: v == 2)
+        start = time.monotonic()
+        status, headers, body = srv.request("POST", "/v1/samples", long)
+        assert status == 429 and "queue is full" in json.loads(body)["error"]
+        assert "retry-after" in headers and time.monotonic() - start < 5
+        assert srv.request("DELETE", "/v1/samples/b")[0] == 202
+        second.join(30)
+        assert second_out["reply"][0] == 409
+        # SIGTERM with no grace: the running request is cancelled and the server exits 0.
+        assert srv.stop() == 0, "".join(srv.stderr)
+        first.join(30)
+        status, _, body = first_out["reply"]
+        assert status == 503 and "shutting down" in json.loads(body)["error"]
+        assert "Traceback" not in "".join(srv.stderr)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+@needs_serve
+def test_sigterm_lets_in_flight_requests_finish(tiny_onnx, local):
+    srv = Server(tiny_onnx, "--grace", "60")
+    try:
+        req = {"n": 2, "seed": 4, "sampler": "ddpm", "steps": 1000, "format": "npz"}
+        thread, out = _in_background(srv.request, "POST", "/v1/samples", req)
+        srv.wait_metric("ddpm_images_in_flight", lambda v: v == 2)
+        srv.proc.send_signal(signal.SIGTERM)
+        thread.join(60)
+        status, headers, body = out["reply"]
+        assert status == 200
+        images, _ = _decode("npz", body, headers)
+        np.testing.assert_array_equal(images, local.sample(2, 4, steps=1000, progress=False))
+        assert srv.proc.wait(60) == 0, "".join(srv.stderr)
+    finally:
+        srv.stop(signal.SIGKILL)

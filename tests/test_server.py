@@ -7,7 +7,6 @@ import http.client
 import importlib.util
 import io
 import json
-import queue
 import signal
 import socket
 import subprocess
@@ -22,9 +21,15 @@ import pytest
 
 import runtime
 from runtime.images import make_grid
+from tools.loadtest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
+
+
+def Server(model, *args: str) -> ServerProcess:
+    """The real server, one ORT thread (the tests run on a shared 2-core machine)."""
+    return ServerProcess(model, "--threads", "1", *args, host=HOST)
 SERVE_EXTRA = ("starlette", "uvicorn", "prometheus_client")
 NO_EXTRA = any(importlib.util.find_spec(m) is None for m in SERVE_EXTRA)
 needs_serve = pytest.mark.skipif(NO_EXTRA, reason="the server extra is not installed "
@@ -45,75 +50,6 @@ def test_without_the_extra_serve_says_what_to_install(tiny_onnx):
                          text=True, timeout=120)
     assert run.returncode == 1
     assert run.stderr.strip().count("\n") == 0 and "pip install .[serve]" in run.stderr
-
-
-class Server:
-    """`python -m runtime serve MODEL --port 0 ...` as a subprocess; the port is read from
-    the line it prints once listening."""
-
-    def __init__(self, model: Path, *args: str):
-        cmd = [sys.executable, "-m", "runtime", "serve", str(model), "--host", HOST,
-               "--port", "0", "--threads", "1", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put),
-                         daemon=True).start()
-        threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr.append),
-                         daemon=True).start()
-        try:
-            line = self.lines.get(timeout=60)
-        except queue.Empty:
-            self.proc.kill()
-            raise AssertionError(f"the server did not start: {''.join(self.stderr)}") from None
-        assert "serving" in line, line
-        self.port = int(line.split(f"http://{HOST}:")[1].split()[0])
-
-    @staticmethod
-    def _pump(stream, put):
-        for line in stream:
-            put(line)
-
-    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None,
-                headers=None, timeout: float = 60):
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, body=data, headers=headers or {})
-        response = conn.getresponse()
-        result = response.status, dict(response.getheaders()), response.read()
-        conn.close()
-        return result
-
-    def metrics(self) -> dict[str, float]:
-        status, _, body = self.request("GET", "/metrics")
-        assert status == 200
-        from prometheus_client.parser import text_string_to_metric_families
-
-        values = {}
-        for family in text_string_to_metric_families(body.decode()):
-            for s in family.samples:
-                label = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                values[s.name + (f"{{{label}}}" if label else "")] = s.value
-        return values
-
-    def wait_metric(self, name: str, test, timeout: float = 30) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = self.metrics().get(name, 0.0)
-            if test(value):
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"{name} stayed at {self.metrics().get(name)}")
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,49 @@
+"""tools/loadtest.py end to end: a seconds-long smoke run against real localhost servers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None
+                        for m in ("starlette", "uvicorn", "prometheus_client")),
+                    reason="the server extra is not installed (pip install .[serve])")
+def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
+    out = tmp_path / "lt"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "loadtest.py"), str(tiny_onnx),
+         "--saturation", "1", "--duration", "1.5", "--steps-scale", "0.02", "--clients", "4",
+         "--cancel", "0.3", "--threads", "1", "--max-batch", "16", "--drain", "60",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "loadtest.json").read_text())
+    assert set(report["summary"]) == {"batching", "serial"}
+    for mode, s in report["summary"].items():
+        assert s["saturation_images_per_s"] > 0, mode
+        assert s["errors"] == 0 and s["lost"] == 0, report["runs"]
+    for run_ in report["runs"]:
+        load = run_["load"]
+        assert load["exit_code"] == 0 and load["server_agrees"]
+        # Every request ended one known way; the server counted the same successes.
+        assert sum(load["outcomes"].values()) == load["requests"]
+        assert load["server_outcomes"]["done"] == load["outcomes"]["ok"]
+        assert 0 < load["batch_fill"] <= 1
+    # Request at a time never puts two requests in one call: its fill stays below batching's
+    # at saturation, where both have work waiting.
+    sat = {r["mode"]: r["saturation"]["batch_fill"] for r in report["runs"]}
+    assert sat["serial"] < sat["batching"]
+    table = (out / "loadtest.md").read_text()
+    assert "| batching |" in table and "| serial |" in table
+    # Refuses to write onto its input.
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "loadtest.py"), str(tiny_onnx),
+                            "--out", str(tiny_onnx)], capture_output=True, text=True, cwd=REPO)
+    assert again.returncode != 0 and "Traceback" not in again.stderr

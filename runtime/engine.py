@@ -240,6 +240,8 @@ class Engine:
         if schedule is None:
             full = self.schedule
             schedule = full if steps == full.num_timesteps else full.respaced(steps)
+            if len(self._schedules) >= 64:  # bounded: a step count per request could differ
+                self._schedules.pop(next(iter(self._schedules)), None)
             self._schedules[steps] = schedule
         return schedule
 

@@ -20,7 +20,7 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
     out = tmp_path / "lt"
     run = subprocess.run(
         [sys.executable, str(REPO / "tools" / "loadtest.py"), str(tiny_onnx),
-         "--saturation", "1", "--duration", "1.5", "--steps-scale", "0.02", "--clients", "4",
+         "--saturation", "12", "--duration", "1.5", "--steps-scale", "0.02", "--clients", "4",
          "--cancel", "0.3", "--threads", "1", "--max-batch", "16", "--drain", "60",
          "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)

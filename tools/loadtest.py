@@ -1,14 +1,14 @@
 """Load test: step-level batching against one request at a time, on one machine, in one run.
 
-    python tools/loadtest.py MODEL [--saturation 30] [--duration 60] [--load 0.7]
+    python tools/loadtest.py MODEL [--saturation 100] [--duration 60] [--load 0.7]
                              [--clients 16] [--cancel 0] [--threads 2] [--max-batch 64]
                              [--repeats 1] [--out loadtest/]
 
 Each mode (``batching``: ``serve``'s default; ``serial``: ``serve --no-batching``) gets a
 fresh server on a free localhost port and two phases, modes alternating per repeat:
 
-1. saturation: ``--clients`` closed-loop clients send the mixed workload for
-   ``--saturation`` seconds: images/s and image-steps/s at capacity;
+1. saturation: ``--clients`` closed-loop clients work through the same ``--saturation``
+   requests drawn from the workload: images/s and image-steps/s at capacity;
 2. load: open-loop Poisson arrivals for ``--duration`` seconds at ``--load`` times the
    request-at-a-time capacity measured in phase 1 (the same rate for both modes), then a
    drain; latency p50/p95/p99 per request class.
@@ -209,30 +209,38 @@ def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled:
     return record
 
 
-def saturate(server: ServerProcess, clients: int, seconds: float, scale: float,
+def saturate(server: ServerProcess, clients: int, count: int, scale: float,
              seed: int) -> dict:
-    """Closed loop: each client sends its next request as soon as the last returns."""
-    start = time.monotonic()
-    end = start + seconds
+    """Capacity: ``count`` requests drawn from the workload (the same list for every mode),
+    sent by ``clients`` closed-loop clients, each taking the next as soon as its last
+    returns; images/s over the time until the last reply."""
+    rng = random.Random(seed)
+    todo = queue.Queue()
+    for _ in range(count):
+        todo.put(draw(rng, scale))
     records: list[dict] = []
     lock = threading.Lock()
 
     def client(k: int):
         rng = random.Random(seed * 1000 + k)
-        while time.monotonic() < end:
-            cls, body = draw(rng, scale)
+        while True:
+            try:
+                cls, body = todo.get_nowait()
+            except queue.Empty:
+                return
             record = one_request(server, cls, body, time.monotonic(), None, rng)
             with lock:
                 records.append(record)
 
     before = server.metrics()
+    start = time.monotonic()
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(seconds + 900)
-    after = server.metrics()
+        thread.join()
     elapsed = time.monotonic() - start
+    after = server.metrics()
     ok = [r for r in records if r["outcome"] == "ok"]
     return {"seconds": elapsed, "requests": len(ok),
             "images_per_s": sum(r["n"] for r in ok) / elapsed,
@@ -369,8 +377,8 @@ def summarize(runs: list[dict], modes) -> dict:
 
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--saturation", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="seconds of closed-loop saturation per mode")
+@click.option("--saturation", type=click.IntRange(min=1), default=100, show_default=True,
+              help="requests in the capacity phase (the same list for every mode)")
 @click.option("--duration", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="seconds of Poisson arrivals per mode")
 @click.option("--load", type=click.FloatRange(min=0.01), default=0.7, show_default=True,
@@ -445,7 +453,7 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
     report = {
         "meta": {"model": str(model), "cpu": cpu_name(), "cores": os.cpu_count(),
                  "threads": threads, "max_batch": max_batch, "clients": clients,
-                 "saturation_s": saturation, "duration_s": duration, "load": load,
+                 "saturation_requests": saturation, "duration_s": duration, "load": load,
                  "cancel": cancel, "steps_scale": steps_scale, "repeats": repeats,
                  "rate": rate,
                  "workload": [c.__dict__ for c in WORKLOAD], "python": sys.version.split()[0]},

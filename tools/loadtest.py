@@ -8,7 +8,7 @@ Each mode (``batching``: ``serve``'s default; ``serial``: ``serve --no-batching`
 fresh server on a free localhost port and two phases, modes alternating per repeat:
 
 1. saturation: ``--clients`` closed-loop clients work through the same ``--saturation``
-   requests drawn from the workload: images/s and image-steps/s at capacity;
+   requests, in the workload's proportions: images/s and requests/s at capacity;
 2. load: open-loop Poisson arrivals for ``--duration`` seconds at ``--load`` times the
    request-at-a-time capacity measured in phase 1 (the same rate for both modes), then a
    drain; latency p50/p95/p99 per request class.
@@ -150,9 +150,18 @@ def draw(rng: random.Random, scale: float) -> tuple[RequestClass, dict]:
     return cls, body
 
 
-def mean_work(scale: float) -> float:
-    """Expected image-steps of one request of the workload."""
-    return sum(c.weight * (sum(c.n) / 2) * max(1, round(c.steps * scale)) for c in WORKLOAD)
+def draw_list(rng: random.Random, count: int, scale: float) -> list[tuple[RequestClass, dict]]:
+    """``count`` requests whose classes follow the workload's weights exactly (rounded,
+    at least one of each), shuffled: their rate at saturation is the workload's capacity."""
+    classes = [c for c in WORKLOAD for _ in range(max(1, round(c.weight * count)))]
+    rng.shuffle(classes)
+    requests = []
+    for cls in classes:
+        _, body = draw(rng, scale)
+        body.update(n=rng.randint(*cls.n), sampler=cls.sampler,
+                    steps=max(1, round(cls.steps * scale)))
+        requests.append((cls, body))
+    return requests
 
 
 def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled: float,
@@ -214,10 +223,9 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
     """Capacity: ``count`` requests drawn from the workload (the same list for every mode),
     sent by ``clients`` closed-loop clients, each taking the next as soon as its last
     returns; images/s over the time until the last reply."""
-    rng = random.Random(seed)
     todo = queue.Queue()
-    for _ in range(count):
-        todo.put(draw(rng, scale))
+    for item in draw_list(random.Random(seed), count, scale):
+        todo.put(item)
     records: list[dict] = []
     lock = threading.Lock()
 
@@ -242,7 +250,7 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
     elapsed = time.monotonic() - start
     after = server.metrics()
     ok = [r for r in records if r["outcome"] == "ok"]
-    return {"seconds": elapsed, "requests": len(ok),
+    return {"seconds": elapsed, "requests": len(ok), "requests_per_s": len(ok) / elapsed,
             "images_per_s": sum(r["n"] for r in ok) / elapsed,
             "image_steps_per_s": sum(r["work"] for r in ok) / elapsed,
             "errors": sum(r["outcome"] in ("error", "lost") for r in records),
@@ -431,7 +439,7 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
             click.echo(f"[{rep}] {mode} saturation: {sat[mode]['images_per_s']:.1f} images/s, "
                        f"fill {sat[mode]['batch_fill']:.2f}", err=True)
         if rate is None:
-            rate = load * sat["serial"]["image_steps_per_s"] / mean_work(steps_scale)
+            rate = load * sat["serial"]["requests_per_s"]
         for mode in order:
             server = ServerProcess(model, *server_args, *MODES[mode])
             try:

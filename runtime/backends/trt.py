@@ -15,6 +15,7 @@ lazily.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,9 @@ class TensorRTBackend:
         self._stream = None
         self._buffers: dict[str, int] = {}
         self._closed = False
+        # One context, stream and set of device buffers: callers from several threads
+        # take turns (the step-level batching engine is how they share the GPU).
+        self._lock = threading.Lock()
         try:
             self._load()
             self._allocate()
@@ -242,10 +246,11 @@ class TensorRTBackend:
 
     def close(self) -> None:
         """Free the context, engine, device buffers and stream. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        errors = self._release()
+        with self._lock:  # never under a call that is using the buffers
+            if self._closed:
+                return
+            self._closed = True
+            errors = self._release()
         if errors:
             raise errors[0]
 
@@ -320,6 +325,10 @@ class TensorRTBackend:
         return batch
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._run(x, t)
+
+    def _run(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         if self._closed:
             raise RuntimeError(f"TensorRT backend for {self.engine_path} is closed; load it again")
         self._check_inputs(x, t)

@@ -254,7 +254,7 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
             "images_per_s": sum(r["n"] for r in ok) / elapsed,
             "image_steps_per_s": sum(r["work"] for r in ok) / elapsed,
             "errors": sum(r["outcome"] in ("error", "lost") for r in records),
-            "batch_fill": _fill(before, after)}
+            "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed)}
 
 
 def open_loop(server: ServerProcess, rate: float, seconds: float, scale: float, seed: int,
@@ -302,8 +302,15 @@ def open_loop(server: ServerProcess, rate: float, seconds: float, scale: float, 
             "server_outcomes": served,
             "server_agrees": served["done"] == outcomes["ok"],
             "images_per_s": sum(r["n"] for r in ok) / elapsed if elapsed > 0 else 0.0,
-            "batch_fill": _fill(before, after), "latency": classes,
+            "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed),
+            "latency": classes,
             "error_samples": [r["error"] for r in records if "error" in r][:5]}
+
+
+def _busy(before: dict, after: dict, seconds: float) -> float:
+    """Share of the wall time the server spent in network calls: its utilisation."""
+    spent = after["ddpm_network_seconds_total"] - before["ddpm_network_seconds_total"]
+    return spent / seconds if seconds > 0 else 0.0
 
 
 def _fill(before: dict, after: dict) -> float:
@@ -331,9 +338,9 @@ def markdown(report: dict) -> str:
              f"ORT threads {meta['threads']}, max batch {meta['max_batch']}, "
              f"steps scale {meta['steps_scale']}.", "",
              "| mode | saturation images/s | vs serial | load req/s | short p50 / p95 / p99 s"
-             " | medium p95 s | long p95 s | images/s | errors | lost | refused | cancelled"
-             " | batch fill |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | medium p95 s | long p95 s | images/s | busy | errors | lost | refused"
+             " | cancelled | batch fill |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = report["summary"].get("serial", {}).get("saturation_images_per_s", math.nan)
 
     def p(c: dict, q: str) -> str:
@@ -346,13 +353,16 @@ def markdown(report: dict) -> str:
             f"{s['saturation_images_per_s'] / base:.2f}x | {s['rate']:.2f} | "
             f"{p(short, 'p50')} / {p(short, 'p95')} / {p(short, 'p99')} | "
             f"{p(s['latency']['medium'], 'p95')} | {p(s['latency']['long'], 'p95')} | "
-            f"{s['images_per_s']:.1f} | {s['errors']} | {s['lost']} | {s['refused']} | "
+            f"{s['images_per_s']:.1f} | {s['busy']:.2f} | {s['errors']} | {s['lost']} | "
+            f"{s['refused']} | "
             f"{s['cancelled']} | {s['batch_fill']:.2f} |")
     t = report["targets"]
     lines += ["", f"Saturation throughput, batching / serial: {t['throughput_ratio']:.2f}x "
               f"(target >= 1.3x). Short-request p95 at {meta['rate']:.2f} requests/s, "
               f"batching / serial: {t['short_p95_ratio']:.3f} (target <= 0.2). "
-              f"Errors {t['errors']}, lost images {t['lost']} (target 0)."]
+              f"Errors {t['errors']}, lost images {t['lost']} (target 0). Load columns are "
+              "the open-loop phase; busy = share of its wall time spent in network calls; "
+              "batch fill = mean rows per call / max batch."]
     return "\n".join(lines) + "\n"
 
 
@@ -379,6 +389,8 @@ def summarize(runs: list[dict], modes) -> dict:
             "refused": sum(x["outcomes"]["refused"] for x in load),
             "cancelled": sum(x["outcomes"]["cancelled"] for x in load),
             "batch_fill": float(np.median([x["batch_fill"] for x in load])),
+            "busy": float(np.median([x["busy"] for x in load])),
+            "saturation_busy": float(np.median([r["saturation"]["busy"] for r in mine])),
         }
     return summary
 

@@ -347,6 +347,9 @@ def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: 
     cancelled; returns normally (exit status 0)."""
     import uvicorn
 
+    if pipe.max_batch is not None and max_batch > pipe.max_batch:
+        log(f"--max-batch {max_batch} is more than {pipe.source} takes; using {pipe.max_batch}")
+        max_batch = pipe.max_batch
     engine = Engine(pipe.eps_fn, pipe.record, max_batch=max_batch, max_queue=max_queue,
                     max_n=max_n, max_steps=max_steps, batching=batching)
     info = {"record": json.loads(pipe.record.to_json()), "source": pipe.source,

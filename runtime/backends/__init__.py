@@ -37,7 +37,10 @@ class Backend(Protocol):
     max_batch: int | None    # the largest batch one call takes; None: any
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """ε for float32 ``x`` [B, C, H, W] at float32 timesteps ``t`` [B] (T-step indices)."""
+        """ε for float32 ``x`` [B, C, H, W] at float32 timesteps ``t`` [B] (T-step indices).
+
+        Safe to call from several threads at once (a pipeline may be shared); a row's ε
+        should not depend on the other rows, which step-level batching relies on."""
 
     def describe(self) -> list[tuple[str, str]]:
         """(label, text) lines about the file and the engine running it, for ``runtime info``."""

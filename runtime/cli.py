@@ -141,6 +141,7 @@ def info_cmd(model, backend, device, threads):
 @click.option("--batching/--no-batching", default=True, show_default=True,
               help="step-level batching across requests, or one request at a time")
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              callback=finite_float,
               help="seconds in-flight requests get to finish on SIGTERM before cancelling")
 @_backend_options
 def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batching, grace,
@@ -158,8 +159,6 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
             serve(pipe, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                   max_n=max_n, max_steps=max_steps, batching=batching, grace=grace,
                   log=lambda line: click.echo(line))
-    except USER_ERRORS as err:
-        raise click.ClickException(str(err)) from None
     except OSError as err:  # the address is taken or not ours
         raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror}") from None
 

@@ -26,8 +26,8 @@ import numpy as np
 
 from .errors import Cancelled, NonFiniteError, Overloaded, check_int
 from .metadata import ModelRecord
-from .samplers import SAMPLERS, ImageNoise, _Stepper, draw_noise
-from .schedule import VARIANCES, Schedule
+from .samplers import ImageNoise, draw_noise, make_sampler, sampler_options
+from .schedule import SPACINGS, VARIANCES, Schedule
 
 OUTCOMES = ("done", "cancelled", "failed")
 
@@ -40,36 +40,7 @@ class Options:
     steps: int | None = None  # None: the model's full chain
     variance: str = "fixedlarge"
     eta: float = 0.0
-
-
-class StepSampler:
-    """One group's sampling state over its rows: built from a schedule, the group's batch
-    shape and the options; exposes the model ``t`` of its current step; :meth:`step` updates
-    the rows in place from eps and noise. Same math as :func:`runtime.samplers.sample`."""
-
-    def __init__(self, schedule: Schedule, shape, options: Options, clip_range):
-        self._stepper = _Stepper(schedule, shape, sampler=options.sampler,
-                                 variance=options.variance, eta=options.eta, clip_x0=True,
-                                 clip_range=clip_range)
-        self._timesteps = schedule.timesteps
-        self._noisy = options.sampler == "ddpm" or options.eta > 0
-        self.index = schedule.num_timesteps - 1
-
-    @property
-    def t_model(self) -> float:
-        return float(self._timesteps[self.index])
-
-    @property
-    def needs_noise(self) -> bool:
-        return self.index > 0 and self._noisy
-
-    @property
-    def finished(self) -> bool:
-        return self.index < 0
-
-    def step(self, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> None:
-        self._stepper(x, self.index, eps, noise)
-        self.index -= 1
+    spacing: str = "linspace"
 
 
 class Job:
@@ -123,7 +94,12 @@ class _Group:
         shape = (hi - lo, *job._image_shape)
         self.job, self.lo, self.hi = job, lo, hi
         self.noise = ImageNoise(job.seed, range(lo, hi))
-        self.sampler = StepSampler(schedule, shape, job.options, clip_range)
+        o = job.options
+        # The registry's sampler over this group's rows: its own coefficients, position
+        # and multistep history.
+        self.sampler = make_sampler(o.sampler, schedule, shape, clip_x0=True,
+                                    clip_range=clip_range,
+                                    **sampler_options(o.sampler, variance=o.variance, eta=o.eta))
         self.x = np.array(draw_noise(self.noise, shape), dtype=np.float32, order="C")
 
     @property
@@ -181,15 +157,17 @@ class Engine:
             raise ValueError(f"n must be at most {self.max_n} on this engine, got {n}; "
                              "split the request")
         check_int(seed, "seed", minimum=0)
-        if options.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {options.sampler!r}; expected one of {SAMPLERS}")
         if options.variance not in VARIANCES:
             raise ValueError(f"unknown variance {options.variance!r}; expected one of "
                              f"{VARIANCES}")
         eta = options.eta
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (
-                math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+                math.isfinite(eta) and 0 <= eta <= 1):  # as Pipeline: 1 is DDPM's variance
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        # Unknown samplers and options a sampler does not take (eta for ddpm, ...).
+        sampler_options(options.sampler, variance=options.variance, eta=eta)
+        if options.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {options.spacing!r}; expected one of {SPACINGS}")
         steps = self.schedule.num_timesteps if options.steps is None else options.steps
         check_int(steps, "steps")
         limit = min(self.max_steps, self.schedule.num_timesteps)
@@ -204,7 +182,7 @@ class Engine:
         """Queue a request; raises ValueError for bad options or an id already in use,
         Overloaded when full."""
         steps = self.check(n, seed, options)
-        self._schedule(steps)  # built now, so a bad step count never reaches a tick
+        self._schedule(steps, options.spacing)  # built now: a bad one never reaches a tick
         job = Job(n, seed, options, steps, self.image_shape, on_progress, on_done, job_id)
         with self._lock:
             if job.id in self._live:
@@ -235,14 +213,13 @@ class Engine:
             self._wake.notify()
         return True
 
-    def _schedule(self, steps: int) -> Schedule:
-        schedule = self._schedules.get(steps)
+    def _schedule(self, steps: int, spacing: str) -> Schedule:
+        schedule = self._schedules.get((steps, spacing))
         if schedule is None:
-            full = self.schedule
-            schedule = full if steps == full.num_timesteps else full.respaced(steps)
+            schedule = self.schedule.respaced(steps, spacing)  # as Pipeline does
             if len(self._schedules) >= 64:  # bounded: a step count per request could differ
                 self._schedules.pop(next(iter(self._schedules)), None)
-            self._schedules[steps] = schedule
+            self._schedules[steps, spacing] = schedule
         return schedule
 
     # === The loop ===
@@ -264,7 +241,7 @@ class Engine:
         pos = 0
         for g in groups:
             x[pos:pos + g.rows] = g.x
-            t[pos:pos + g.rows] = g.sampler.t_model
+            t[pos:pos + g.rows] = g.sampler.t
             pos += g.rows
         start = time.perf_counter()
         try:
@@ -290,7 +267,7 @@ class Engine:
                 continue  # failed by an earlier group this tick
             if not np.isfinite(e).all():
                 self._finish(job, "failed", NonFiniteError(
-                    f"the network returned NaN or inf at step t={int(g.sampler.t_model)}; "
+                    f"the network returned NaN or inf at step t={int(g.sampler.t)}; "
                     "check the model file"))
                 continue
             noise = (g.noise.standard_normal(self.image_shape) if g.sampler.needs_noise
@@ -298,7 +275,7 @@ class Engine:
             g.sampler.step(g.x, e, noise)
             job.steps_done += g.rows
             advanced[job.id] = job
-            if g.sampler.finished:
+            if g.sampler.done:
                 finished.append(g)
         for job in advanced.values():
             if job.status == "running":
@@ -328,8 +305,8 @@ class Engine:
                 job.status = "running"
                 job._out = np.empty((job.n, *self.image_shape), np.float32)
             if job.status == "running":
-                self._groups.append(_Group(job, lo, hi, self._schedule(job.steps),
-                                           self.record.data_range))
+                schedule = self._schedule(job.steps, job.options.spacing)
+                self._groups.append(_Group(job, lo, hi, schedule, self.record.data_range))
 
     def _drop_cancelled(self) -> None:
         with self._lock:

@@ -3,7 +3,7 @@
 Starlette on uvicorn, metrics by prometheus_client; all three come with the ``serve``
 extra (``pip install .[serve]``) and are imported only by this module.
 
-``POST /v1/samples`` takes JSON ``{n, seed, sampler, steps, variance, eta}`` plus
+``POST /v1/samples`` takes JSON ``{n, seed, sampler, steps, spacing, variance, eta}`` plus
 ``format`` ("grid": one PNG; "png": JSON with one base64 PNG per image; "npz"), ``stream``
 (server-sent events: progress, then the result) and ``id`` (optional; names the request
 for ``DELETE /v1/samples/{id}``). The options are echoed in the ``X-Sample-Options``
@@ -38,7 +38,8 @@ from .errors import Cancelled, Overloaded
 from .images import make_grid, to_uint8
 
 FORMATS = ("grid", "png", "npz")
-FIELDS = {"n", "seed", "sampler", "steps", "variance", "eta", "format", "stream", "id"}
+FIELDS = {"n", "seed", "sampler", "steps", "spacing", "variance", "eta", "format", "stream",
+          "id"}
 MAX_BODY = 16 << 10  # a request is a few small fields
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
@@ -80,7 +81,8 @@ def parse_request(body) -> dict:
         req["seed"] = secrets.randbits(63)  # echoed, so the images can be made again
     elif not 0 <= req["seed"] < 2**63:
         raise BadRequest(f"seed must be in [0, 2**63), got {req['seed']}", 422)
-    for name, default in [("sampler", "ddpm"), ("variance", "fixedlarge"), ("format", "grid")]:
+    for name, default in [("sampler", "ddpm"), ("variance", "fixedlarge"),
+                          ("spacing", "linspace"), ("format", "grid")]:
         value = body.get(name, default)
         if not isinstance(value, str):
             raise BadRequest(f"{name} must be a string, got {json.dumps(value)[:40]}")
@@ -197,7 +199,8 @@ def create_app(engine: Engine, model_info: dict) -> Starlette:
             return error(err.status, str(err))
         except ClientDisconnect:
             return error(400, "the client went away")
-        options = Options(req["sampler"], req["steps"], req["variance"], req["eta"])
+        options = Options(req["sampler"], req["steps"], req["variance"], req["eta"],
+                          req["spacing"])
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
         progress = {"event": asyncio.Event(), "steps": (0, 0)}
@@ -223,7 +226,8 @@ def create_app(engine: Engine, model_info: dict) -> Starlette:
             status = 409 if "already in use" in str(err) else 422
             return error(status, str(err))
         echo = {"id": job.id, "n": job.n, "seed": job.seed, "sampler": options.sampler,
-                "steps": job.steps, "variance": options.variance, "eta": options.eta}
+                "steps": job.steps, "spacing": options.spacing, "variance": options.variance,
+                "eta": options.eta}
         if req["stream"]:
             return StreamingResponse(_events(job, finished, progress, req["format"], echo),
                                      media_type="text/event-stream",

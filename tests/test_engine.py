@@ -42,7 +42,8 @@ def solo(n, seed, options: Options, eps_fn=None) -> np.ndarray:
     """The same request from Pipeline.sample_float: the reference."""
     pipe = Pipeline(eps_fn or ClosedForm(), RECORD, source="closed form", backend_name="numpy")
     return pipe.sample_float(n, seed, sampler=options.sampler, steps=options.steps,
-                             variance=options.variance, eta=options.eta, progress=False)
+                             spacing=options.spacing, variance=options.variance,
+                             eta=options.eta, progress=False)
 
 
 def drain(engine: Engine, limit: int = 10_000) -> int:
@@ -55,7 +56,9 @@ def drain(engine: Engine, limit: int = 10_000) -> int:
 
 MIXED = [(3, 11, Options("ddpm", 5)), (2, 12, Options("ddim", 7)),
          (4, 13, Options("ddim", 4, eta=1.0)), (5, 14, Options("ddpm", 6, "fixedsmall")),
-         (1, 15, Options("ddim", 3, eta=0.5)), (6, 16, Options("ddpm", 2))]
+         (1, 15, Options("ddim", 3, eta=0.5, spacing="trailing")), (6, 16, Options("ddpm", 2)),
+         (3, 17, Options("dpmpp_2m", 6)), (2, 18, Options("unipc", 5, spacing="quadratic")),
+         (3, 19, Options("dpmpp_3m", 8))]
 
 
 def test_ort_rows_do_not_depend_on_the_batch(tiny_onnx):
@@ -86,7 +89,8 @@ def test_engine_images_equal_pipeline_images_on_onnx_runtime(tiny_onnx):
         drain(engine)
         for job, (n, seed, o) in zip(jobs, MIXED, strict=True):
             want = pipe.sample_float(n, seed, sampler=o.sampler, steps=o.steps,
-                                     variance=o.variance, eta=o.eta, progress=False)
+                                     spacing=o.spacing, variance=o.variance, eta=o.eta,
+                                     progress=False)
             np.testing.assert_array_equal(job.result(), want)
 
 
@@ -145,11 +149,13 @@ def test_full_queue_and_limits_are_refused_at_once():
            ({"n": True}, "n must be"), ({"seed": -1}, "seed must be"),
            ({"steps": 51}, "steps must be at most 50"), ({"steps": None}, "at most 50"),
            ({"sampler": "euler"}, "unknown sampler"), ({"variance": "big"}, "unknown variance"),
-           ({"eta": float("nan")}, "eta must be"), ({"eta": -1.0}, "eta must be")]
+           ({"eta": float("nan")}, "eta must be"), ({"eta": -1.0}, "eta must be"),
+           ({"eta": 1.5}, "eta must be"), ({"sampler": "dpmpp_2m", "eta": 0.5}, "does not apply"),
+           ({"spacing": "random"}, "unknown spacing")]
     for fields, match in bad:
         args = {"n": 1, "seed": 0, "sampler": "ddim", "steps": 5} | fields
         options = Options(args["sampler"], args["steps"], args.get("variance", "fixedlarge"),
-                          args.get("eta", 0.0))
+                          args.get("eta", 0.0), args.get("spacing", "linspace"))
         with pytest.raises(ValueError, match=match):
             engine.submit(args["n"], args["seed"], options)
     assert engine.snapshot()["queue_requests"] == 2

@@ -89,7 +89,9 @@ REQUESTS = [{"n": 3, "seed": 5, "sampler": "ddim", "steps": 7, "format": "png"},
             {"n": 2, "seed": 6, "sampler": "ddpm", "steps": 9, "variance": "fixedsmall",
              "format": "grid"},
             {"n": 4, "seed": 7, "sampler": "ddim", "steps": 5, "eta": 1.0, "format": "npz"},
-            {"n": 5, "seed": 8, "sampler": "ddpm", "steps": 4, "format": "png"}]
+            {"n": 5, "seed": 8, "sampler": "ddpm", "steps": 4, "format": "png"},
+            {"n": 2, "seed": 9, "sampler": "dpmpp_2m", "steps": 6, "spacing": "trailing",
+             "format": "npz"}]
 
 
 def _decode(fmt: str, body: bytes, headers) -> tuple[np.ndarray, dict]:
@@ -109,7 +111,8 @@ def test_images_equal_a_local_pipeline_in_every_format(server, local):
     for req, (status, headers, body) in zip(REQUESTS, replies, strict=True):
         assert status == 200, body
         got, echo = _decode(req["format"], body, headers)
-        options = {k: req[k] for k in ("sampler", "steps", "variance", "eta") if k in req}
+        options = {k: req[k] for k in ("sampler", "steps", "spacing", "variance", "eta")
+                   if k in req}
         want = local.sample(req["n"], req["seed"], progress=False, **options)
         if req["format"] == "grid":
             want = make_grid(want)[..., 0]
@@ -137,6 +140,8 @@ BAD = [
     ("POST", "/v1/samples", b'{"n": 1, "sampler": "euler"}', 422),
     ("POST", "/v1/samples", b'{"n": 1, "variance": 3}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "eta": -1}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "sampler": "unipc", "eta": 0.5}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "spacing": "random"}', 422),
     ("POST", "/v1/samples", b'{"n": 1, "eta": "much"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "format": "gif"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "stream": "yes"}', 400),

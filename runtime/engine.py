@@ -270,9 +270,13 @@ class Engine:
                     f"the network returned NaN or inf at step t={int(g.sampler.t)}; "
                     "check the model file"))
                 continue
-            noise = (g.noise.standard_normal(self.image_shape) if g.sampler.needs_noise
-                     else None)
-            g.sampler.step(g.x, e, noise)
+            try:
+                noise = (g.noise.standard_normal(self.image_shape) if g.sampler.needs_noise
+                         else None)
+                g.sampler.step(g.x, e, noise)
+            except Exception as err:  # this request's own step: it fails alone
+                self._finish(job, "failed", err)
+                continue
             job.steps_done += g.rows
             advanced[job.id] = job
             if g.sampler.done:

@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[train,serve,dev]'
+	$(PY) -m pip install -q -e '.[train,serve,ray,dev]'
 	touch $@
 
 # Train on the embedded digits (resuming an interrupted run; a finished one is kept), export

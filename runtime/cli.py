@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -11,43 +12,63 @@ import click
 import numpy as np
 
 from . import backends
+from .bulk import DEFAULT_SHARD_SIZE
 from .clierrors import MAX_THREADS, finite_float, guarded_group
 from .fileio import atomic_output, check_output
+from .raycluster import RayClusterError
 from .samplers import SAMPLERS
 from .schedule import SPACINGS, VARIANCES
 
 
-@click.group(cls=guarded_group(), context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guarded_group(RayClusterError),
+             context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Torch-free DDPM sampling from an ONNX file or a TensorRT engine."""
 
 
-def _backend_options(fn):
+def _backend_options(fn, threads_help="CPU threads for ONNX Runtime (default: all cores); a "
+                     "batch is split into one shard per thread"):
     fn = click.option("--backend", type=click.Choice([backends.AUTO, *backends.names()]),
                       default=backends.AUTO, show_default=True,
                       help="auto: by the file's suffix (ort for .onnx, trt for .plan engines)")(fn)
     fn = click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
                       help="ONNX Runtime provider (default cpu)")(fn)
     fn = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
-                      help="CPU threads for ONNX Runtime (default: all cores); a batch is "
-                      "split into one shard per thread")(fn)
+                      help=threads_help)(fn)
+    return fn
+
+
+_ray_address_option = click.option(
+    "--ray-address", default="local", show_default=True, envvar="RAY_ADDRESS",
+    help="'local' (start Ray here), 'auto' (this machine's `ray start`), or host:port of a "
+    "cluster's head")
+
+
+def _sampling_options(fn):
+    """What decides the images: the same flags for every command that samples."""
+    for option in reversed([
+        click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64,
+                     show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
+                     show_default=True),
+        click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="network calls, on a respaced chain (default: all T of the model)"),
+        click.option("--spacing", type=click.Choice(SPACINGS), default="linspace",
+                     show_default=True, help="which timesteps --steps keeps"),
+        click.option("--variance", type=click.Choice(VARIANCES), default="fixedlarge",
+                     show_default=True, help="ddpm only"),
+        click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+                     callback=finite_float,
+                     help="ddim only; 0 is deterministic, 1 has DDPM's posterior variance"),
+    ]):
+        fn = option(fn)
     return fn
 
 
 @main.command("sample")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="network calls, on a respaced chain (default: all T of the model)")
-@click.option("--spacing", type=click.Choice(SPACINGS), default="linspace", show_default=True,
-              help="which timesteps --steps keeps")
-@click.option("--variance", type=click.Choice(VARIANCES), default="fixedlarge",
-              show_default=True, help="ddpm only")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-              callback=finite_float,
-              help="ddim only; 0 is deterministic, 1 has DDPM's posterior variance")
+@_sampling_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("samples.png"), show_default=True, help="PNG grid")
@@ -106,6 +127,67 @@ def _check_outputs(out: Path, npz: Path | None, each: Path | None, inputs: list[
         others = [*inputs, out] + ([npz] if npz is not None else [])
         check_output(each_png(0), inputs=others, option="--each")
     return each_png
+
+
+@main.command("bulk")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_sampling_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="folder for manifest.json and shard-*.npz; a rerun resumes it")
+@click.option("--shard-size", type=click.IntRange(min=1), default=DEFAULT_SHARD_SIZE,
+              show_default=True, help="images per shard file (the unit of work and resume)")
+@_ray_address_option
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors, one model copy each (default: cluster CPUs / --threads)")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@functools.partial(_backend_options, threads_help="ONNX Runtime threads per worker, each "
+                   "reserved from Ray (default 1)")
+def bulk_cmd(model, n, seed, sampler, steps, spacing, variance, eta, out, shard_size,
+             ray_address, workers, progress, backend, device, threads):
+    """Sample N images of MODEL on Ray workers into shards under --out (resumable).
+
+    Image k depends only on (seed, k): the shards hold the same images as
+    `sample --npz` with the same options, whatever the number of workers. --threads is
+    per worker (default 1).
+    """
+    from .bulk import BulkJob
+    from .metadata import sha256_file
+    from .pipeline import load
+    from .ray_bulk import run
+    from .raycluster import import_ray
+
+    threads = threads or 1
+    load_kwargs = {"backend": backend, "device": device}
+    import_ray()
+    # Fail here, in a second, on a bad model or options, not on every worker later.
+    with load(model, threads=1, **load_kwargs) as pipe:
+        steps = steps or pipe.record.num_timesteps
+        pipe.schedule.respaced(steps, spacing)
+        image_shape = pipe.image_shape
+    job = BulkJob(out, model_sha256=sha256_file(model), image_shape=image_shape, n=n, seed=seed,
+                  shard_size=shard_size,
+                  sample_options={"sampler": sampler, "steps": steps, "spacing": spacing,
+                                  "variance": variance, "eta": eta})
+    job.prepare(inputs=[model])
+    stats = run(job, model, address=ray_address, workers=workers, threads=threads,
+                load_kwargs=load_kwargs, progress=progress)
+    if not stats.shards_written:
+        click.echo(f"all {stats.shards_total} shards are already in {out}; nothing to do")
+        return
+    rate = stats.images_written / max(stats.sampling_s, 1e-9)
+    gap = stats.overhead_per_shard_s
+    notes = f", Ray {gap * 1e3:.1f} ms between shards" if gap is not None else ""
+    if stats.workers_replaced:
+        notes += f", {_count(stats.workers_replaced, 'worker')} replaced"
+    click.echo(f"{stats.shards_written} of {stats.shards_total} shards written "
+               f"({stats.images_written} images) in {stats.sampling_s:.1f} s, {rate:.2f} "
+               f"images/s, {_count(stats.workers, 'worker')} x "
+               f"{_count(stats.threads, 'thread')}, start-up {stats.startup_s:.1f} s{notes} "
+               f"-> {out}")
+
+
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
 
 
 @main.command("info")

@@ -46,7 +46,7 @@ class Pipeline:
                      variance: str = "fixedlarge", eta: float = 0.0,
                      batch_size: int | None = None, progress: bool = True,
                      callback: Callable[[int, int], bool | None] | None = None,
-                     cancel=None) -> np.ndarray:
+                     cancel=None, first_index: int = 0) -> np.ndarray:
         """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only.
 
         ``sampler``: a name in ``runtime.samplers.SAMPLERS``; ``steps`` network calls
@@ -55,8 +55,11 @@ class Pipeline:
         of every batch); returning False cancels. ``cancel``: a token such as a
         ``threading.Event``, checked before each step. A cancelled call stops within one
         step and raises :class:`~runtime.errors.Cancelled`; the pipeline stays usable.
+        ``first_index``: draw images first_index .. first_index + n - 1 of the seed, so that
+        a range of a large job can be sampled on its own (``python -m runtime bulk``).
         """
         self._check_request(n, seed, eta, BYTES_PER_VALUE_FLOAT)
+        check_int(first_index, "first_index", minimum=0)
         sampler_options(sampler, variance=variance, eta=eta)  # fails before any work
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise TypeError(f"cancel must have an is_set() method (e.g. threading.Event), "
@@ -91,7 +94,7 @@ class Pipeline:
             for start in starts:
                 check_cancel()
                 stop = min(start + batch, n)
-                noise = ImageNoise(seed, range(start, stop))
+                noise = ImageNoise(seed, range(first_index + start, first_index + stop))
                 x = sample(self.eps_fn, schedule, (stop - start, *self.image_shape), noise,
                            sampler=sampler, variance=variance, eta=eta, clip_x0=True,
                            clip_range=self.record.data_range, callback=on_step)

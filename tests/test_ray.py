@@ -1,0 +1,223 @@
+"""Scale-out on a real local Ray instance: `python -m runtime bulk` (same images as `sample`,
+resumable) and `python -m runtime serve --ray` (the server's API through Ray Serve's proxy)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime.bulk import MANIFEST, read_images
+from runtime.metadata import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install .[ray])")
+MISSING = [m for m in ("ray", "starlette", "uvicorn", "prometheus_client")
+           if importlib.util.find_spec(m) is None]
+needs_serve = pytest.mark.skipif(bool(MISSING), reason=f"{MISSING} not installed "
+                                 "(pip install .[ray])")
+
+# ddpm draws noise at every step: this exercises every image's own stream, not only x_T.
+OPTIONS = ["-n", "7", "--seed", "3", "--steps", "3", "--sampler", "ddpm"]
+
+
+def cli(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray instance (2 CPUs) for this module; the CLIs under test join it."""
+    if ray is None:
+        pytest.skip("Ray is not installed (pip install .[ray])")
+    from runtime.raycluster import runtime_env
+
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                       runtime_env=runtime_env())
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_onnx, tmp_path_factory) -> np.ndarray:
+    """The same images from the plain one-process CLI."""
+    out = tmp_path_factory.mktemp("sample")
+    cli("sample", tiny_onnx, *OPTIONS, "-o", out / "grid.png", "--npz", out / "ref.npz",
+        "--no-progress")
+    with np.load(out / "ref.npz") as data:
+        return data["images"]
+
+
+def bulk(model, out, address, *extra, check=True):
+    return cli("bulk", model, *OPTIONS, "--out", out, "--ray-address", address,
+               "--shard-size", 3, "--no-progress", *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def two_worker_job(tiny_onnx, ray_address, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bulk") / "job"
+    assert "2 workers" in bulk(tiny_onnx, out, ray_address, "--workers", 2).stdout
+    return out
+
+
+def check_job(out: Path, model: Path, reference: np.ndarray) -> None:
+    images, indices = read_images(out)
+    np.testing.assert_array_equal(indices, np.arange(len(reference)))
+    np.testing.assert_array_equal(images, reference)          # bit for bit
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["model_sha256"] == sha256_file(model)
+    assert manifest["complete"] is True
+    assert [s["count"] for s in manifest["shards"]] == [3, 3, 1]
+    assert manifest["options"]["seed"] == 3 and manifest["options"]["steps"] == 3
+
+
+@needs_ray
+def test_one_and_two_workers_draw_the_images_of_sample(tiny_onnx, ray_address, reference,
+                                                       two_worker_job, tmp_path):
+    check_job(two_worker_job, tiny_onnx, reference)
+    one = tmp_path / "one"
+    assert "1 worker x" in bulk(tiny_onnx, one, ray_address, "--workers", 1).stdout
+    check_job(one, tiny_onnx, reference)
+    # Not only the images: the files are the same bytes, whoever wrote them and when.
+    for shard in sorted(one.glob("shard-*.npz")):
+        assert shard.read_bytes() == (two_worker_job / shard.name).read_bytes()
+
+
+@needs_ray
+def test_rerun_writes_only_missing_or_broken_shards(tiny_onnx, ray_address, reference,
+                                                    two_worker_job, tmp_path):
+    out = Path(shutil.copytree(two_worker_job, tmp_path / "job"))
+    kept = out / "shard-00002.npz"
+    stamp = (kept.stat().st_ino, kept.stat().st_mtime_ns)
+    (out / "shard-00000.npz").unlink()
+    (out / "shard-00001.npz").write_bytes(b"half a shard")   # as if copied in part
+    proc = bulk(tiny_onnx, out, ray_address)
+    assert "2 of 3 shards written" in proc.stdout
+    assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == stamp   # not rewritten
+    check_job(out, tiny_onnx, reference)
+    assert not list(out.glob(".*.tmp"))
+    # A finished job is recognised without starting any worker.
+    assert "nothing to do" in bulk(tiny_onnx, out, ray_address).stdout
+
+
+@needs_ray
+def test_other_options_in_the_same_folder_are_refused(tiny_onnx, ray_address, two_worker_job,
+                                                      tmp_path):
+    out = Path(shutil.copytree(two_worker_job, tmp_path / "job"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for changed in (["--seed", "4"], ["--steps", "4"]):
+        options = dict(zip(OPTIONS[::2], OPTIONS[1::2], strict=True))
+        options.update(dict([changed]))
+        proc = cli("bulk", tiny_onnx, *[x for kv in options.items() for x in kv], "--out", out,
+                   "--ray-address", ray_address, "--shard-size", 3, check=False)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        flag = changed[0][2:]
+        assert len(lines) == 1 and f"{flag} 3 != 4" in lines[0] and "--out" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@needs_ray
+def test_a_worker_killed_mid_run_is_replaced(tiny_onnx, ray_address, tmp_path):
+    """As if a worker's machine went away: its shards are drawn again by a new worker."""
+    import psutil
+
+    from runtime.bulk import BulkJob
+    from runtime.ray_bulk import run
+
+    n, steps = 12, 300   # one-image shards slow enough that the kill lands mid-run
+    job = BulkJob(tmp_path / "job", model_sha256=sha256_file(tiny_onnx), image_shape=(1, 8, 8),
+                  n=n, seed=3, shard_size=1, sample_options={
+                      "sampler": "ddpm", "steps": steps, "variance": "fixedlarge", "eta": 0.0})
+    job.prepare()
+    killed = []
+
+    def kill_a_worker():
+        while not list(job.out.glob("shard-*.npz")):
+            time.sleep(0.005)
+        me = psutil.Process()
+        for proc in me.children(recursive=True):
+            if "SampleWorker" in " ".join(proc.cmdline()):
+                proc.kill()
+                killed.append(proc.pid)
+                return
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    stats = run(job, tiny_onnx, address=ray_address, workers=2, progress=False)
+    killer.join()
+    assert killed and stats.workers_replaced == 1
+    images, indices = read_images(job.out)
+    np.testing.assert_array_equal(indices, np.arange(n))
+    with runtime.load(tiny_onnx, threads=1) as pipe:
+        want = pipe.sample(n, 3, steps=steps, progress=False)
+    np.testing.assert_array_equal(images, want)
+
+
+def test_without_ray_the_error_names_the_extra(tiny_onnx, tmp_path):
+    """Ray hidden from the interpreter: one line saying how to install it."""
+    code = ("import sys; sys.modules['ray'] = None; from runtime.cli import main; "
+            "sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", code, "bulk", str(tiny_onnx), "-n", "2",
+                           "--steps", "2", "--out", str(tmp_path / "o")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "pip install .[ray]" in proc.stderr
+
+
+@needs_ray
+@pytest.mark.parametrize("command", [["bulk", "-n", "2", "--out", "o"]])
+def test_unreachable_address_is_one_line(tiny_onnx, tmp_path, command):
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    name, *rest = command
+    rest = [str(tmp_path / a) if a == "o" else a for a in rest]
+    proc = cli(name, tiny_onnx, *rest, "--ray-address", f"{HOST}:{port}", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0
+    assert f"cannot reach the Ray cluster at {HOST}:{port}" in proc.stderr
+
+
+def test_first_index_draws_that_range_of_the_seed(tiny_onnx):
+    """The API bulk stands on (no Ray needed): images i.. of a seed, alone."""
+    import runtime
+
+    with runtime.load(tiny_onnx, threads=1) as pipe:
+        common = dict(seed=5, sampler="ddim", eta=1.0, steps=3, progress=False)
+        whole = pipe.sample_float(6, **common)
+        part = pipe.sample_float(3, first_index=2, batch_size=2, **common)
+        np.testing.assert_array_equal(part, whole[2:5])
+        with pytest.raises(ValueError, match="first_index"):
+            pipe.sample_float(1, first_index=-1, **common)
+
+
+@needs_ray
+def test_more_workers_than_the_cluster_has_cores_is_refused(tiny_onnx, ray_address, tmp_path):
+    """The test cluster has 2 CPUs: 2 workers x 2 threads would wait forever; say so."""
+    proc = bulk(tiny_onnx, tmp_path / "job", ray_address, "--workers", 2, "--threads", 2,
+                check=False)
+    assert proc.returncode == 1
+    line = proc.stderr.strip()
+    assert "\n" not in line and "need 4 CPUs; the Ray cluster has 2" in line
+    assert not list((tmp_path / "job").glob("shard-*.npz"))
+

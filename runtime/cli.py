@@ -44,6 +44,17 @@ _ray_address_option = click.option(
     "cluster's head")
 
 
+class _Replicas(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+
+
 def _sampling_options(fn):
     """What decides the images: the same flags for every command that samples."""
     for option in reversed([
@@ -225,9 +236,14 @@ def info_cmd(model, backend, device, threads):
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               callback=finite_float,
               help="seconds in-flight requests get to finish on SIGTERM before cancelling")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="run as a Ray Serve deployment: replicas of this server behind Ray's proxy")
+@click.option("--replicas", type=_Replicas(), default=1, show_default=True,
+              help="with --ray: engines (model copies), or 'auto' for Ray's autoscaler")
+@_ray_address_option
 @_backend_options
 def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batching, grace,
-              backend, device, threads):
+              on_ray, replicas, ray_address, backend, device, threads):
     """Serve MODEL over HTTP: POST /v1/samples, /healthz, /v1/model, /metrics."""
     try:
         from .server import serve
@@ -236,6 +252,13 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
                                    "pip install .[serve]") from None
     from .pipeline import load
 
+    if on_ray:
+        _serve_on_ray(model, host=host, port=port, replicas=replicas, address=ray_address,
+                      threads=threads or 1, grace=grace,
+                      load_kwargs={"backend": backend, "device": device},
+                      limits={"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
+                              "max_steps": max_steps, "batching": batching})
+        return
     try:
         with load(model, backend=backend, device=device, threads=threads) as pipe:
             serve(pipe, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
@@ -243,6 +266,19 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
                   log=lambda line: click.echo(line))
     except OSError as err:  # the address is taken or not ours
         raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
+def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
+    from .metadata import sha256_file
+    from .pipeline import load
+    from .ray_serve import serve_on_ray
+    from .raycluster import import_ray
+
+    import_ray()
+    with load(model, threads=1, **load_kwargs):
+        pass  # a bad model file is one line here, not a failed replica later
+    serve_on_ray(model, sha256=sha256_file(model), threads=threads, load_kwargs=load_kwargs,
+                 log=click.echo, **kwargs)
 
 
 if __name__ == "__main__":

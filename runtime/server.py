@@ -345,22 +345,35 @@ async def _result_response(job, fmt, echo, latency, data_range, draining) -> Res
                     headers={"X-Request-Id": job.id, "X-Sample-Options": json.dumps(echo)})
 
 
+def build_app(pipe, *, max_batch: int, max_queue: int, max_n: int, max_steps: int | None,
+              batching: bool, engine_cls: type[Engine] = Engine, log=print) -> Starlette:
+    """The engine over ``pipe`` and the app over the engine (``app.state.engine``): what
+    one server process runs, and what each Ray Serve replica runs (with its own
+    ``engine_cls``)."""
+    if pipe.max_batch is not None and max_batch > pipe.max_batch:
+        log(f"--max-batch {max_batch} is more than {pipe.source} takes; using {pipe.max_batch}")
+        max_batch = pipe.max_batch
+    engine = engine_cls(pipe.eps_fn, pipe.record, max_batch=max_batch, max_queue=max_queue,
+                        max_n=max_n, max_steps=max_steps, batching=batching)
+    info = {"record": json.loads(pipe.record.to_json()), "source": pipe.source,
+            "backend": pipe.backend_name,
+            "limits": {"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
+                       "max_steps": engine.max_steps, "batching": batching}}
+    app = create_app(engine, info)
+    app.state.engine = engine
+    return app
+
+
 def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: int,
           max_steps: int | None, batching: bool, grace: float, log=print) -> None:
     """Run until SIGTERM/SIGINT: in-flight requests get ``grace`` seconds, then are
     cancelled; returns normally (exit status 0)."""
     import uvicorn
 
-    if pipe.max_batch is not None and max_batch > pipe.max_batch:
-        log(f"--max-batch {max_batch} is more than {pipe.source} takes; using {pipe.max_batch}")
-        max_batch = pipe.max_batch
-    engine = Engine(pipe.eps_fn, pipe.record, max_batch=max_batch, max_queue=max_queue,
-                    max_n=max_n, max_steps=max_steps, batching=batching)
-    info = {"record": json.loads(pipe.record.to_json()), "source": pipe.source,
-            "backend": pipe.backend_name,
-            "limits": {"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
-                       "max_steps": engine.max_steps, "batching": batching}}
-    app = create_app(engine, info)
+    app = build_app(pipe, max_batch=max_batch, max_queue=max_queue, max_n=max_n,
+                    max_steps=max_steps, batching=batching, log=log)
+    engine = app.state.engine
+    max_batch = engine.max_batch
     sock = socket.create_server((host, port))
     flags = app.state.flags
 

@@ -4,6 +4,7 @@ resumable) and `python -m runtime serve --ray` (the server's API through Ray Ser
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import shutil
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 import runtime
 from runtime.bulk import MANIFEST, read_images
 from runtime.metadata import sha256_file
+from tools.loadtest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -184,8 +187,8 @@ def test_without_ray_the_error_names_the_extra(tiny_onnx, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "pip install .[ray]" in proc.stderr
 
 
-@needs_ray
-@pytest.mark.parametrize("command", [["bulk", "-n", "2", "--out", "o"]])
+@needs_serve
+@pytest.mark.parametrize("command", [["bulk", "-n", "2", "--out", "o"], ["serve", "--ray"]])
 def test_unreachable_address_is_one_line(tiny_onnx, tmp_path, command):
     with socket.socket() as s:   # a port nothing listens on
         s.bind((HOST, 0))
@@ -220,4 +223,56 @@ def test_more_workers_than_the_cluster_has_cores_is_refused(tiny_onnx, ray_addre
     line = proc.stderr.strip()
     assert "\n" not in line and "need 4 CPUs; the Ray cluster has 2" in line
     assert not list((tmp_path / "job").glob("shard-*.npz"))
+
+
+# === Ray Serve ===
+
+
+@needs_serve
+def test_two_replicas_answer_concurrent_requests_with_local_images(tiny_onnx, ray_address):
+    from ray import serve
+
+    server = ServerProcess(tiny_onnx, "--ray", "--replicas", "2", "--ray-address", ray_address,
+                           "--threads", "1", "--max-batch", "8", "--grace", "5", host=HOST)
+    try:
+        status = serve.status().applications["ddpm"].deployments["sampler"]
+        assert status.replica_states.get("RUNNING") == 2
+        # Mixed samplers and step counts, all at once: both replicas batch their share.
+        bodies = [{"n": 1 + k % 3, "seed": 100 + k, "sampler": ("ddpm", "ddim")[k % 2],
+                   "steps": 2 + k % 3, "eta": 1.0 if k % 4 == 1 else 0.0, "format": "npz"}
+                  for k in range(10)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: server.request("POST", "/v1/samples", b),
+                                    bodies))
+        with runtime.load(tiny_onnx, threads=1) as pipe:
+            for body, (code, headers, data) in zip(bodies, answers, strict=True):
+                assert code == 200, data[:300]
+                assert json.loads(headers["x-sample-options"])["seed"] == body["seed"]
+                with np.load(io.BytesIO(data)) as npz:
+                    got = npz["images"]
+                want = pipe.sample(body["n"], body["seed"], sampler=body["sampler"],
+                                   steps=body["steps"], eta=body["eta"], progress=False)
+                np.testing.assert_array_equal(got, want)      # bit for bit
+        # DELETE reaches the request whichever replica Ray's router sends it to (the idle
+        # one, mostly: not the one running the request).
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(server.request, "POST", "/v1/samples",
+                               {"n": 8, "seed": 1, "steps": 1000, "id": "long-one"})
+            deleted = None
+            while deleted != 202 and not long.done():
+                deleted = server.request("DELETE", "/v1/samples/long-one")[0]
+                time.sleep(0.02)
+            assert deleted == 202 and long.result()[0] == 409
+        assert server.request("DELETE", "/v1/samples/no-such-id")[0] == 404
+        # The same JSON errors and routes as the one-process server.
+        code, _, data = server.request("POST", "/v1/samples", {"n": "x"})
+        assert code == 400 and "n must be an integer" in json.loads(data)["error"]
+        assert server.request("GET", "/healthz")[0] == 200
+        code, _, data = server.request("GET", "/v1/model")
+        assert code == 200 and json.loads(data)["record"] == json.loads(pipe.record.to_json())
+    finally:
+        code = server.stop()
+    assert code == 0, "".join(server.stderr)[-2000:]
+    with pytest.raises(OSError):   # SIGTERM took the deployment and its proxy down
+        server.request("GET", "/healthz", timeout=5)
 

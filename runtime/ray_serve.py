@@ -1,0 +1,162 @@
+"""``python -m runtime serve MODEL --ray``: the same server as a Ray Serve deployment.
+
+Each replica is what one ``python -m runtime serve`` process runs: the model (shipped
+through Ray's object store), one step-batching :class:`~runtime.engine.Engine` and the
+same ASGI app (:func:`runtime.server.build_app`), mounted with ``serve.ingress``. Ray Serve
+runs the replicas (a number, or ``auto`` for its autoscaler) and its HTTP proxy spreads
+requests over them, so a client sees the same API, routes and JSON errors either way;
+a :class:`CancelBoard` actor carries ``DELETE`` to whichever replica runs the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import threading
+import uuid
+
+from .raycluster import RayClusterError, ShippedModel, check_capacity, connect, ship_model
+
+APP_NAME = "ddpm"
+
+
+class CancelBoard:
+    """A Ray actor: which replica runs which request id, and the cancels waiting for it.
+
+    Ray Serve's router sends ``DELETE /v1/samples/{id}`` to any replica (the least busy,
+    so rarely the one running the request); that replica posts the cancel here and the
+    owner picks it up within :data:`POLL_S`.
+    """
+
+    def __init__(self):
+        self.owner: dict[str, str] = {}
+        self.pending: dict[str, set[str]] = {}
+
+    def register(self, job_id: str, replica: str) -> None:
+        self.owner[job_id] = replica
+
+    def forget(self, job_id: str) -> None:
+        self.owner.pop(job_id, None)
+
+    def cancel(self, job_id: str) -> bool:
+        replica = self.owner.get(job_id)
+        if replica is None:
+            return False
+        self.pending.setdefault(replica, set()).add(job_id)
+        return True
+
+    def take(self, replica: str) -> list[str]:
+        return sorted(self.pending.pop(replica, ()))
+
+
+POLL_S = 0.1
+
+
+def _board_engine(board, replica: str):
+    """An Engine that tells the board about its requests and cancels others' through it."""
+    import ray
+
+    from .engine import Engine
+
+    class BoardEngine(Engine):
+        def submit(self, *args, on_done=None, job_id=None, **kwargs):
+            job_id = job_id or uuid.uuid4().hex
+            board.register.remote(job_id, replica)   # before the job can finish and forget
+
+            def done(job):
+                board.forget.remote(job.id)
+                if on_done is not None:
+                    on_done(job)
+
+            try:
+                return super().submit(*args, on_done=done, job_id=job_id, **kwargs)
+            except BaseException:
+                board.forget.remote(job_id)
+                raise
+
+        def cancel(self, job_id: str) -> bool:
+            return super().cancel(job_id) or ray.get(board.cancel.remote(job_id), timeout=10)
+
+        def cancel_posted(self) -> None:
+            for job_id in ray.get(board.take.remote(replica), timeout=10):
+                super().cancel(job_id)
+
+    return BoardEngine
+
+
+class SamplingReplica:
+    """One replica: a model copy, its engine and the server's app over it."""
+
+    def __init__(self, shipped: dict, threads: int, load_kwargs: dict, limits: dict, board):
+        from .server import build_app
+
+        self.model = ShippedModel(shipped, threads=threads, load_kwargs=load_kwargs)
+        self.asgi = build_app(self.model.pipe, **limits,
+                              engine_cls=_board_engine(board, uuid.uuid4().hex))
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, name="cancel-board", daemon=True).start()
+
+    def _poll(self) -> None:
+        engine = self.asgi.state.engine
+        while not self._stop.wait(POLL_S):
+            with contextlib.suppress(Exception):  # the board gone: the deployment is ending
+                engine.cancel_posted()
+
+    def __serve_build_asgi_app__(self):
+        # Called by Ray Serve after __init__; the app's lifespan starts and stops the engine.
+        return self.asgi
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.close()
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_on_ray(model, *, sha256: str, address: str, replicas, host: str, port: int,
+                 threads: int, limits: dict, grace: float, load_kwargs: dict,
+                 log=print) -> None:
+    """Deploy, print where it listens, and run until SIGTERM/SIGINT; then shut Serve down
+    (each replica gets ``grace`` seconds for its in-flight requests)."""
+    ray = connect(address)
+    from ray import serve
+
+    if replicas != "auto":
+        check_capacity(ray, replicas, threads, "--replicas")
+    port = port or free_port(host)
+    # A replica holds requests waiting for rows too: the engine, not Ray, bounds the queue.
+    in_flight = limits["max_queue"] + limits["max_batch"]
+    deployment = serve.deployment(serve.ingress()(SamplingReplica)).options(
+        name="sampler", num_replicas=replicas, max_ongoing_requests=in_flight,
+        max_queued_requests=in_flight, graceful_shutdown_timeout_s=grace,
+        ray_actor_options={"num_cpus": threads})
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # Held here while Serve runs: a replica started later (autoscaling, a restart) loads it.
+    shipped = ship_model(ray, model, sha256)
+    board = ray.remote(CancelBoard).options(num_cpus=0).remote()
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        try:
+            serve.run(deployment.bind(shipped, threads, load_kwargs, limits, board), name=APP_NAME,
+                      route_prefix="/", blocking=False)
+        except RuntimeError as err:  # Serve's message ends in a replica's whole traceback
+            raise RayClusterError(f"the Ray Serve deployment did not start "
+                                  f"({str(err).strip().splitlines()[0]}); its replicas' logs "
+                                  "are under /tmp/ray/session_latest/logs/serve/") from None
+        log(f"serving {model} on http://{host}:{port} (Ray Serve, {replicas} replicas, "
+            f"max batch {limits['max_batch']} each)")
+        stop.wait()
+    finally:
+        serve.shutdown()
+    log("server stopped")

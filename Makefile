@@ -7,14 +7,23 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 RUN := runs/digits
 
-.PHONY: venv demo test lint clean
+.PHONY: venv dev demo test lint clean
 
+# What make demo needs: the runtime and training. The test extras (Ray, the server,
+# diffusers as an oracle) are only installed by `make test`, so a new user's first
+# command does not wait for them.
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[train]'
+	touch $@
+
+dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[train,serve,ray,dev]'
 	touch $@
 
@@ -27,10 +36,10 @@ demo: venv
 	$(PY) -m runtime sample $(RUN)/model.onnx -n 64 --seed 0 -o $(RUN)/samples.png
 	@echo "demo: samples in $(RUN)/samples.png"
 
-test: venv lint
+test: dev lint
 	$(PY) -m pytest
 
-lint: venv
+lint: dev
 	$(VENV)/bin/ruff check .
 
 clean:

@@ -28,8 +28,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, num_updates: int) -> None:
         weight = 1.0 - self.decay_at(num_updates)
-        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), weight)
+        # One call for all tensors (a tensor-count mismatch raises): a per-tensor Python loop
+        # costs several percent of a small CPU step.
+        torch._foreach_lerp_(list(self.model.parameters()),
+                             [p.detach() for p in model.parameters()], weight)
         for ema_b, b in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_b.copy_(b)
 

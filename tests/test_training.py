@@ -138,6 +138,31 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(digits, tmp_pat
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
+def test_resume_is_exact_with_two_threads(digits, tmp_path):
+    # Results depend on the thread count in the last bits, so a resumed run (which takes
+    # the same default) must match an uninterrupted one at two threads too. The interrupted
+    # part is the same 6-step run, stopped by hand after its checkpoint at step 3.
+    cfg = TINY_TRAIN
+    try:
+        whole = train(TINY, cfg, digits, tmp_path / "whole", device="cpu", progress=False,
+                      threads=2)
+        assert torch.get_num_threads() == 2
+        part = Trainer(TINY, cfg, digits, tmp_path / "split", progress=False)
+        for _ in range(3):
+            part.train_step(part.model)
+        part.out_dir.mkdir()
+        part.save()
+        resumed = train(TINY, cfg, digits, tmp_path / "split", device="cpu", progress=False,
+                        threads=2, resume_from=load_checkpoint(tmp_path / "split" / "ckpt.pt"))
+    finally:
+        torch.set_num_threads(1)
+    assert resumed.step == whole.step == 6
+    for part_name in ("model", "ema"):
+        a, b = whole.state_dict()[part_name], resumed.state_dict()[part_name]
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{part_name}.{name}"
+
+
 class _Evil:
     def __reduce__(self):
         return (os.makedirs, ("PWNED_BY_CHECKPOINT",))

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from runtime.cpus import busy_cores, cpu_count
 from runtime.fileio import OutputError
 from runtime.schedule import Schedule
 from training.bridge import schedule_tensors
@@ -26,6 +28,7 @@ from training.checkpoint import (
 from training.config import ModelConfig, TrainConfig
 from training.data import load_dataset
 from training.diffusion import loss_simple, q_sample
+from training.distributed import DistInfo, set_cpu_threads
 from training.train import main
 from training.trainer import Trainer, train
 
@@ -138,22 +141,27 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(digits, tmp_pat
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
-def test_resume_is_exact_with_two_threads(digits, tmp_path):
-    # Results depend on the thread count in the last bits, so a resumed run (which takes
-    # the same default) must match an uninterrupted one at two threads too. The interrupted
-    # part is the same 6-step run, stopped by hand after its checkpoint at step 3.
+def test_resume_keeps_the_runs_threads_and_is_exact(digits, tmp_path, monkeypatch):
+    # Results depend on the thread count in the last bits, so a resume without --threads
+    # takes the checkpoint's count. The interrupted part is the same 6-step run, stopped by
+    # hand after its checkpoint at step 3.
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cfg = TINY_TRAIN
     try:
         whole = train(TINY, cfg, digits, tmp_path / "whole", device="cpu", progress=False,
                       threads=2)
-        assert torch.get_num_threads() == 2
         part = Trainer(TINY, cfg, digits, tmp_path / "split", progress=False)
         for _ in range(3):
             part.train_step(part.model)
         part.out_dir.mkdir()
         part.save()
+        ckpt = load_checkpoint(tmp_path / "split" / "ckpt.pt")
+        assert ckpt["threads"] == 2
+        torch.set_num_threads(1)
         resumed = train(TINY, cfg, digits, tmp_path / "split", device="cpu", progress=False,
-                        threads=2, resume_from=load_checkpoint(tmp_path / "split" / "ckpt.pt"))
+                        resume_from=ckpt)
+        assert torch.get_num_threads() == 2
+        assert {r["threads"] for r in _records(tmp_path / "split")} == {2}
     finally:
         torch.set_num_threads(1)
     assert resumed.step == whole.step == 6
@@ -161,6 +169,24 @@ def test_resume_is_exact_with_two_threads(digits, tmp_path):
         a, b = whole.state_dict()[part_name], resumed.state_dict()[part_name]
         for name in a:
             assert torch.equal(a[name], b[name]), f"{part_name}.{name}"
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_automatic_threads_leave_a_busy_core_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        busy = busy_cores(0.5)
+        threads = set_cpu_threads(DistInfo())
+    finally:
+        spinner.kill()
+        spinner.wait()
+        torch.set_num_threads(1)
+    assert 0.7 <= busy <= os.cpu_count()  # at least the spinner's core
+    assert 1 <= threads <= max(1, cpu_count() - 1)
+    assert set_cpu_threads(DistInfo(), 3) == 3 == torch.get_num_threads()  # explicit wins
+    torch.set_num_threads(1)
 
 
 class _Evil:

@@ -40,7 +40,7 @@ def make_checkpoint(*, model_config: dict, train_config: dict, schedule: dict, d
     """A checkpoint in this module's format (docs/design.md, "Checkpoint").
 
     ``data``: name, spec, image_shape, data_range, num_levels. ``run_state``: what an exact
-    resume also needs (optimizer, rng, world_size, elapsed_s, torch_version).
+    resume also needs (optimizer, rng, world_size, threads, elapsed_s, torch_version).
     """
     return {"format_version": FORMAT_VERSION, "model_config": model_config,
             "train_config": train_config, "schedule": schedule, "data": data, "step": step,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             rng=_rng_state(),
             world_size=self.info.world_size,
+            threads=torch.get_num_threads(),
             elapsed_s=self.elapsed_s,
             torch_version=str(torch.__version__),
         )
@@ -245,6 +247,7 @@ class Trainer:
         record = {"step": self.step, "loss": loss_v, "lr": self.lr_at(self.step - 1),
                   "grad_norm": norm_v, "steps_per_s": steps_per_s,
                   "images_per_s": steps_per_s * self.config.batch_size,
+                  "threads": torch.get_num_threads(),
                   "elapsed_s": self.elapsed_s}
         # Strict JSON: a non-finite timing (a zero-length window) is written as null.
         record = {k: v if math.isfinite(v) else None for k, v in record.items()}
@@ -293,6 +296,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset
     info = dist_info_from_env()
     torch_device = resolve_device(device, info)
     if torch_device.type == "cpu":
+        if threads is None and resume_from is not None and "OMP_NUM_THREADS" not in os.environ:
+            # Results depend on the thread count in the last bits: keep the run's own.
+            threads = resume_from.get("threads")
         set_cpu_threads(info, threads)
     init_process_group(info, torch_device)
     try:

@@ -65,8 +65,9 @@ def set_cpu_threads(info: DistInfo, threads: int | None = None) -> int:
     Automatic: this process's share of the usable cores, less the cores that other work
     keeps busy right now (sampled for a fraction of a second; where that cannot be read,
     one core is left free). Every op synchronises its OpenMP threads, so one thread that
-    shares its core stalls them all: on a 2-core machine 2 threads trained ~1.7x faster
-    than 1 while nothing else ran, and 5-20x slower than 1 beside another busy process.
+    shares its core stalls them all: on a 2-core machine 2 threads trained the digits
+    ~1.45x faster than 1 while nothing else ran, and 2-20x slower than 1 beside another
+    busy process (tools/train_bench.py).
     """
     if threads is None:
         if "OMP_NUM_THREADS" in os.environ:

@@ -160,14 +160,16 @@ def _known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
 
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # scikit-learn's 8x8 digits, sized for `python training/train.py` on a 2-core CPU.
-    # Measured there (batch 128, fwd+bwd+Adam, one thread, see distributed.set_cpu_threads):
-    # ch 32 with two levels (8x8, 4x4) runs ~4.4 steps/s, twice three levels (8, 4, 2) and
-    # 3-4x ch 64; a 4x4 map with attention already sees the whole digit. Dropout cost ~8%
-    # of a step and the short run does not overfit, so it is off. lr 1e-3 (5x the paper's,
-    # fine for a 1M-parameter net with clipping) and EMA 0.999 suit a few thousand steps.
+    # Measured there (batch 128, fwd+bwd+Adam): ch 32 with two levels (8x8, 4x4) runs
+    # ~7 steps/s on one idle AVX-512 core and ~10 on two (tools/train_bench.py): twice as
+    # fast as three levels (8, 4, 2) and 3-4x ch 64; a 4x4 map with attention already sees the whole
+    # digit. Dropout cost ~8% of a step and the short run does not overfit, so it is off.
+    # lr 1e-3 (5x the paper's, fine for a 1M-parameter net with clipping) and EMA 0.999
+    # suit a few thousand steps.
     # Sampled with the full 1000-step chain, the Frechet distance (MLP digit-classifier
     # features, N=500) was ~1.0-1.1x the real-vs-real floor at both 3000 and 6000 steps,
-    # so 4000 steps (~15 min) keeps a margin in time and in quality.
+    # so 4000 steps keeps a margin in quality. Halving the compute (2000 steps with a cosine
+    # decay, or batch 64) kept FD but lowered digit-IS by 0.2-0.35 (README, Training speed).
     "digits": (
         ModelConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2,
                     attn_resolutions=(4,), dropout=0.0, num_groups=8),

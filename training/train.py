@@ -71,8 +71,8 @@ def _check_data(ctx, param, value):
 @click.option("--device", default="auto", callback=_check_device,
               help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
-              help="CPU threads per process. [default: OMP_NUM_THREADS, else the cores less "
-                   "one]")
+              help="CPU threads per process. [default: OMP_NUM_THREADS, else the cores that "
+                   "no other work keeps busy; a resumed run keeps its own count]")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the network's forward pass.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def main(preset_name, data, steps, batch_size, lr, out_dir, resume, overwrite, seed,

@@ -32,3 +32,21 @@ def test_bench_writes_report(trained_run, tmp_path):
     assert 0 < report["meta"]["exported_flops_per_image"] < report["meta"]["flops_per_image"]
     table = (out / "bench.md").read_text()
     assert "| ort_cpu |" in table and "| torch |" in table
+
+
+def test_train_bench_reports_steps_per_second_and_phases(tmp_path):
+    out = tmp_path / "tb"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_bench.py"), "--threads", "1",
+         "--steps", "1", "--rounds", "2", "--profile", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "train_bench.json").read_text())
+    row = report["threads"]["1"]
+    assert len(row["rounds"]) == 2 and row["steps_per_s"] > 0 and row["ratio"] == 1.0
+    phases = row["phase_ms"]
+    assert set(phases) == {"data", "forward", "backward", "clip", "optimizer", "ema"}
+    assert phases["backward"] > 0 and phases["forward"] > 0  # the labels reach the profiler
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "train_bench.py"), "--threads",
+                          "two"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "--threads" in bad.stderr

@@ -162,6 +162,10 @@ def test_resume_keeps_the_runs_threads_and_is_exact(digits, tmp_path, monkeypatc
                         resume_from=ckpt)
         assert torch.get_num_threads() == 2
         assert {r["threads"] for r in _records(tmp_path / "split")} == {2}
+        for bad in (0, "2", True, 10**6):  # a malformed count falls back to automatic
+            train(TINY, cfg.replace(steps=4), digits, tmp_path / f"bad{bad}", device="cpu",
+                  progress=False, resume_from=dict(ckpt, threads=bad))
+            assert 1 <= torch.get_num_threads() <= cpu_count()
     finally:
         torch.set_num_threads(1)
     assert resumed.step == whole.step == 6

@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
+from runtime.cpus import cpu_count
 from runtime.fileio import OutputError, describe_os_error, remove_stale_temporaries, write_text
 
 from .bridge import schedule_tensors
@@ -297,8 +298,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset
     torch_device = resolve_device(device, info)
     if torch_device.type == "cpu":
         if threads is None and resume_from is not None and "OMP_NUM_THREADS" not in os.environ:
-            # Results depend on the thread count in the last bits: keep the run's own.
-            threads = resume_from.get("threads")
+            threads = _saved_threads(resume_from)
         set_cpu_threads(info, threads)
     init_process_group(info, torch_device)
     try:
@@ -310,6 +310,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset
     finally:
         destroy_process_group()
     return trainer
+
+
+def _saved_threads(ckpt: dict[str, Any]) -> int | None:
+    """The run's own thread count, to keep on resume (results depend on it in the last
+    bits); None (automatic) where it is missing, malformed or more than this machine has."""
+    saved = ckpt.get("threads")
+    if isinstance(saved, int) and not isinstance(saved, bool) and 1 <= saved <= cpu_count():
+        return saved
+    return None
 
 
 def _rng_state() -> dict[str, Any]:

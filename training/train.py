@@ -1,4 +1,4 @@
-"""Train the DDPM epsilon-network: `python training/train.py` (digits, CPU, ~15 minutes).
+"""Train the DDPM epsilon-network: `python training/train.py` (digits, CPU, ~6 min on 2 cores).
 
 Also runs as a module: `python -m training.train`.
 

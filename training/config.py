@@ -162,8 +162,9 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     # scikit-learn's 8x8 digits, sized for `python training/train.py` on a 2-core CPU.
     # Measured there (batch 128, fwd+bwd+Adam): ch 32 with two levels (8x8, 4x4) runs
     # ~7 steps/s on one idle AVX-512 core and ~10 on two (tools/train_bench.py): twice as
-    # fast as three levels (8, 4, 2) and 3-4x ch 64; a 4x4 map with attention already sees the whole
-    # digit. Dropout cost ~8% of a step and the short run does not overfit, so it is off.
+    # fast as three levels (8, 4, 2) and 3-4x ch 64; a 4x4 map with attention already sees
+    # the whole digit. Dropout cost ~8% of a step and the short run does not overfit, so it
+    # is off.
     # lr 1e-3 (5x the paper's, fine for a 1M-parameter net with clipping) and EMA 0.999
     # suit a few thousand steps.
     # Sampled with the full 1000-step chain, the Frechet distance (MLP digit-classifier

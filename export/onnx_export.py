@@ -38,7 +38,7 @@ import torch
 
 from export.rewrites import REWRITES, deploy_form
 from export.verification import Verification
-from runtime.fileio import atomic_output, check_output, write_bytes
+from runtime.fileio import atomic_output, check_output
 from runtime.metadata import METADATA_KEY, ModelRecord, sha256_file
 
 # Exporter name -> what the record calls it, and the opset it writes.
@@ -248,10 +248,6 @@ def _simplification_rules():
     neutral = [NeutralOperand.rule("Mul", 1.0), NeutralOperand.rule("Add", 0.0)]
     return RewriteRuleSet([materialize_reshape_shape_rule,
                            *[r for rule in neutral for r in rule.commute()]])
-
-
-def write_atomic(data: bytes, path: Path) -> None:
-    write_bytes(path, data)
 
 
 def verify_onnx(model: torch.nn.Module, onnx_path, *, batch_sizes=(1, 5),

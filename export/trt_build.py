@@ -118,10 +118,10 @@ def build_engine(
                         compute_capability=tuple(gpu["compute_capability"]),
                         precision=precision, profile=(min_batch, opt_batch, max_batch))
     sidecar = EngineSidecar(record, built)
-    _write_atomic(engine_path, serialized)
+    write_bytes(engine_path, serialized)
     write_sidecar(engine_path, sidecar)
     if cache is not None:
-        _write_atomic(Path(timing_cache), cache.serialize())
+        write_bytes(Path(timing_cache), cache.serialize())
     return sidecar
 
 
@@ -210,11 +210,6 @@ def _attach_timing_cache(config: Any, path: str | Path) -> Any:
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             raise RuntimeError(f"TensorRT refused a new timing cache for {path}")
     return cache  # TensorRT needs it alive until the build ends
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    """Write bytes (or an IHostMemory buffer) to ``path`` atomically."""
-    write_bytes(path, data)
 
 
 # === Verify ===

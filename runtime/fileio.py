@@ -175,8 +175,8 @@ def atomic_output(path) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def write_bytes(path, data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to ``path`` atomically."""
+def write_bytes(path, data) -> Path:
+    """Write ``data`` (bytes, or any buffer: TensorRT's IHostMemory) to ``path`` atomically."""
     path = Path(path)
     with atomic_output(path) as tmp, open(tmp, "xb") as f:
         f.write(data)

@@ -33,7 +33,8 @@ def randomized_unet(config, seed: int = 0, scale: float = 0.05):
 def export_model(model, path: Path, *, num_timesteps: int = 1000, num_levels: int = 17,
                  **record_overrides) -> Path:
     """Write ``model`` as an ONNX file with a ``ddpm`` record, through the export code."""
-    from export.onnx_export import count_flops, to_onnx_bytes, write_atomic
+    from export.onnx_export import count_flops, to_onnx_bytes
+    from runtime.fileio import write_bytes
     from runtime.metadata import ModelRecord
     from runtime.schedule import Schedule
 
@@ -46,7 +47,7 @@ def export_model(model, path: Path, *, num_timesteps: int = 1000, num_levels: in
         flops_per_image=count_flops(model, shape),
     )
     fields.update(record_overrides)
-    write_atomic(to_onnx_bytes(model, ModelRecord(**fields)), path)
+    write_bytes(path, to_onnx_bytes(model, ModelRecord(**fields)))
     return path
 
 

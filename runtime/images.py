@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_output
+from .fileio import write_bytes
 
 PNG_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
 
@@ -44,15 +45,18 @@ def make_grid(images: np.ndarray, *, ncol: int | None = None, pad: int | None = 
     return grid
 
 
-def save_png(image: np.ndarray, path) -> Path:
-    """Write uint8 [H, W, C] (C = 1 or 3) atomically: a reader never sees half a file."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 [H, W, C] (C = 1 or 3) encoded as PNG: grey for one channel, RGB for three."""
     from PIL import Image
 
-    path = Path(path)
-    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    with atomic_output(path) as tmp:
-        pil.save(tmp, format="PNG")
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path) -> Path:
+    """Write uint8 [H, W, C] (C = 1 or 3) atomically: a reader never sees half a file."""
+    return write_bytes(path, png_bytes(image))
 
 
 def save_grid(images: np.ndarray, path, **kwargs) -> Path:

@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from .engine import Engine, Job, Options
 from .errors import Cancelled, Overloaded
-from .images import make_grid, to_uint8
+from .images import make_grid, png_bytes, to_uint8
 
 FORMATS = ("grid", "png", "npz")
 FIELDS = {"n", "seed", "sampler", "steps", "spacing", "variance", "eta", "format", "stream",
@@ -122,20 +122,12 @@ async def read_json(request: Request):
 
 # === Encoding ===
 
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def encode(images: np.ndarray, fmt: str, echo: dict) -> tuple[bytes, str]:
     """uint8 [n, H, W, C] -> (body, media type) in the client's format."""
     if fmt == "grid":
-        return _png(make_grid(images)), "image/png"
+        return png_bytes(make_grid(images)), "image/png"
     if fmt == "png":
-        pngs = [base64.b64encode(_png(image)).decode() for image in images]
+        pngs = [base64.b64encode(png_bytes(image)).decode() for image in images]
         return json.dumps(echo | {"images": pngs}).encode(), "application/json"
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images, seed=np.uint64(echo["seed"]),

@@ -38,7 +38,8 @@ def test_train_bench_reports_steps_per_second_and_phases(tmp_path):
     out = tmp_path / "tb"
     result = subprocess.run(
         [sys.executable, str(REPO / "tools" / "train_bench.py"), "--threads", "1",
-         "--steps", "1", "--rounds", "2", "--profile", "--out", str(out)],
+         "--steps", "1", "--rounds", "2", "--profile", "--variant", "ch=16,ch_mult=1:1",
+         "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "train_bench.json").read_text())
@@ -47,6 +48,13 @@ def test_train_bench_reports_steps_per_second_and_phases(tmp_path):
     phases = row["phase_ms"]
     assert set(phases) == {"data", "forward", "backward", "clip", "optimizer", "ema"}
     assert phases["backward"] > 0 and phases["forward"] > 0  # the labels reach the profiler
-    bad = subprocess.run([sys.executable, str(REPO / "tools" / "train_bench.py"), "--threads",
-                          "two"], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert bad.returncode == 2 and "--threads" in bad.stderr
+    variant = report["variants"]["ch=16,ch_mult=1:1"]["1"]
+    assert len(variant["rounds"]) == 2 and variant["steps_per_s"] > 0
+    ratios = [a / b for a, b in zip(variant["rounds"], row["rounds"], strict=True)]
+    assert (variant["ratio_min"], variant["ratio_max"]) == (min(ratios), max(ratios))
+    for args, hint in ((["--threads", "two"], "--threads"),
+                       (["--variant", "width=3"], "--variant"),
+                       (["--variant", "num_groups=7"], "--variant")):
+        bad = subprocess.run([sys.executable, str(REPO / "tools" / "train_bench.py"), *args],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert bad.returncode == 2 and hint in bad.stderr, bad.stderr

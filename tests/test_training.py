@@ -84,6 +84,22 @@ def test_loss_decreases_over_a_few_dozen_steps(digits, tmp_path):
     assert eval_loss() < 0.5 * before
 
 
+def test_learning_rate_warms_up_then_stays_or_decays_to_zero(digits, tmp_path):
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=110, batch_size=32)
+    const = Trainer(TINY, cfg, digits, tmp_path, progress=False)
+    cos = Trainer(TINY, cfg.replace(lr_decay="cosine"), digits, tmp_path, progress=False)
+    for trainer in (const, cos):  # the same linear warmup
+        assert [trainer.lr_at(s) for s in range(10)] == pytest.approx(
+            [1e-3 * (s + 1) / 10 for s in range(10)])
+    assert {const.lr_at(s) for s in range(10, 200)} == {1e-3}
+    lrs = [cos.lr_at(s) for s in range(10, 111)]
+    assert lrs[0] == 1e-3 and lrs[-1] == pytest.approx(0.0, abs=1e-18)
+    assert lrs[50] == pytest.approx(0.5e-3)  # half way: cos(pi / 2) = 0
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="step")
+
+
 # === Checkpoints ===
 
 def test_checkpoint_round_trip(digits, tmp_path):
@@ -139,6 +155,33 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(digits, tmp_pat
         return [(r["step"], r["loss"]) for r in _records(out)]
 
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_an_interrupted_cosine_run_resumes_exactly(digits, tmp_path, monkeypatch):
+    # The decay depends on the run's length, so this run is cut short by an interrupt
+    # after its step-3 checkpoint, as Ctrl-C cuts `make demo`, not by a shorter --steps.
+    cfg = TINY_TRAIN.replace(lr_decay="cosine", warmup=2, save_every=3)
+    whole = train(TINY, cfg, digits, tmp_path / "whole", device="cpu", progress=False)
+    real_step = Trainer.train_step
+
+    def interrupted(self, net):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, net)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, cfg, digits, tmp_path / "cut", device="cpu", progress=False)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    ckpt = load_checkpoint(tmp_path / "cut" / "ckpt.pt")
+    assert ckpt["step"] == 3
+    resumed = train(TINY, cfg, digits, tmp_path / "cut", device="cpu", progress=False,
+                    resume_from=ckpt)
+    for part in ("model", "ema"):
+        a, b = whole.state_dict()[part], resumed.state_dict()[part]
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert [r["lr"] for r in _records(tmp_path / "cut")] == \
+        [r["lr"] for r in _records(tmp_path / "whole")]
 
 
 def test_resume_keeps_the_runs_threads_and_is_exact(digits, tmp_path, monkeypatch):

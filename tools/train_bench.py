@@ -1,14 +1,15 @@
 """Training speed on this machine: steps/s per thread count, and where a step's time goes.
 
     python tools/train_bench.py [--preset digits] [--threads 1,2] [--steps 20] [--rounds 5]
-                                [--profile] [--out bench/]
+                                [--variant num_res_blocks=2 ...] [--profile] [--out bench/]
 
-One trainer per thread count, all in this process, each continuing its own run of the
-preset's recipe; rounds of --steps optimizer steps alternate between them, so a machine
-whose load drifts slows every contender alike and the per-round ratios stay comparable.
-Reports median steps/s, the ratio to the first thread count (median, min and max over
-rounds) and the CPU. --profile adds torch-profiler time per step phase (data, forward,
-backward, clip, optimizer, ema) for each thread count. --out writes OUT/train_bench.json.
+One trainer per contender (thread count, and the preset's network or a --variant of it),
+all in this process, each continuing its own run of the preset's recipe; rounds of --steps
+optimizer steps alternate between them, so a machine whose load drifts slows every
+contender alike and the per-round ratios stay comparable. Reports median steps/s, the
+ratio to the first contender (median, min and max over rounds) and the CPU. --profile
+adds torch-profiler time per step phase (data, forward, backward, clip, optimizer, ema)
+for each contender. --out writes OUT/train_bench.json.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import dataclasses  # noqa: E402
+
 import click  # noqa: E402
 import torch  # noqa: E402
 
 from runtime.fileio import OutputError, atomic_output, check_output  # noqa: E402
-from training.config import PRESETS, preset  # noqa: E402
+from training.config import PRESETS, ModelConfig, preset  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.trainer import Trainer  # noqa: E402
 
@@ -75,9 +78,12 @@ def profile_phases(trainer: Trainer, threads: int, steps: int) -> dict[str, floa
 @click.option("--threads", "threads_text", default="1,2", help="Thread counts to compare.")
 @click.option("--steps", type=click.IntRange(min=1), default=20, help="Steps per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5)
+@click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,FIELD=VALUE]",
+              help="Also time the preset's network with these ModelConfig fields changed, "
+                   "e.g. num_res_blocks=2 or ch_mult=1:2 (repeatable).")
 @click.option("--profile", is_flag=True, help="Also time each phase of a step.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
-def main(preset_name, data, threads_text, steps, rounds, profile, out):
+def main(preset_name, data, threads_text, steps, rounds, variants, profile, out):
     """Steps/s of the preset's training step per thread count, alternating rounds."""
     try:
         counts = [int(v) for v in threads_text.split(",")]
@@ -93,40 +99,73 @@ def main(preset_name, data, threads_text, steps, rounds, profile, out):
         except OutputError as err:
             raise click.ClickException(str(err)) from err
     model_config, train_config = preset(preset_name)
+    networks = {"preset": model_config}
+    for text in variants:
+        networks[text] = _variant(model_config, text)
     dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
+    contenders = [(name, n) for name in networks for n in counts]
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {n: Trainer(model_config, train_config, dataset, tmp, progress=False)
-                    for n in counts}
-        for n, trainer in trainers.items():
+        trainers = {c: Trainer(networks[c[0]], train_config, dataset, tmp, progress=False)
+                    for c in contenders}
+        for (_, n), trainer in trainers.items():
             run_steps(trainer, n, 3)  # set-up: kernel selection, allocator warm-up
-        rates = {n: [] for n in counts}
+        rates = {c: [] for c in contenders}
         for _ in range(rounds):
-            for n, trainer in trainers.items():
-                rates[n].append(steps / run_steps(trainer, n, steps))
-        phases = {n: profile_phases(trainer, n, steps) for n, trainer in trainers.items()} \
+            for (name, n), trainer in trainers.items():
+                rates[name, n].append(steps / run_steps(trainer, n, steps))
+        phases = {c: profile_phases(trainer, c[1], steps) for c, trainer in trainers.items()} \
             if profile else {}
     result = {"cpu": cpu_description(), "preset": preset_name, "steps_per_round": steps,
-              "rounds": rounds, "batch_size": train_config.batch_size, "threads": {}}
+              "rounds": rounds, "batch_size": train_config.batch_size, "threads": {},
+              "variants": {}}
     click.echo(f"{result['cpu']}, preset {preset_name}, batch {train_config.batch_size}, "
                f"{rounds} rounds of {steps} steps")
-    for n in counts:
-        ratios = [a / b for a, b in zip(rates[n], rates[counts[0]], strict=True)]
-        row = {"steps_per_s": statistics.median(rates[n]), "rounds": rates[n],
+    first = contenders[0]
+    for name, n in contenders:
+        ratios = [a / b for a, b in zip(rates[name, n], rates[first], strict=True)]
+        row = {"steps_per_s": statistics.median(rates[name, n]), "rounds": rates[name, n],
                "ratio": statistics.median(ratios), "ratio_min": min(ratios),
                "ratio_max": max(ratios)}
-        line = (f"{n} thread(s): {row['steps_per_s']:.2f} steps/s, x{row['ratio']:.2f} of "
-                f"{counts[0]} (rounds x{row['ratio_min']:.2f}..x{row['ratio_max']:.2f})")
-        if n in phases:
-            row["phase_ms"] = phases[n]
-            total = sum(phases[n].values()) or 1.0
+        label = f"{n} thread(s)" + ("" if name == "preset" else f", {name}")
+        line = (f"{label}: {row['steps_per_s']:.2f} steps/s, x{row['ratio']:.2f} of "
+                f"{first[1]} thread(s) (rounds x{row['ratio_min']:.2f}..x{row['ratio_max']:.2f})")
+        if (name, n) in phases:
+            row["phase_ms"] = phases[name, n]
+            total = sum(phases[name, n].values()) or 1.0
             line += "\n  " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)"
-                                       for k, v in phases[n].items())
-        result["threads"][str(n)] = row
+                                       for k, v in phases[name, n].items())
+        if name == "preset":
+            result["threads"][str(n)] = row
+        else:
+            result["variants"].setdefault(name, {})[str(n)] = row
         click.echo(line)
     if report:
         with atomic_output(report) as tmp:
             Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"wrote {report}")
+
+
+def _variant(config: ModelConfig, text: str) -> ModelConfig:
+    """The preset's ModelConfig with FIELD=VALUE changes; tuples are written 1:2."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    changes = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE with a ModelConfig field "
+                                     f"({', '.join(fields)})", param_hint="--variant")
+        try:
+            current = getattr(config, key)
+            if isinstance(current, tuple):
+                changes[key] = tuple(int(v) for v in value.split(":") if v)
+            else:
+                changes[key] = type(current)(value)
+        except ValueError as err:
+            raise click.BadParameter(f"{item!r}: {err}", param_hint="--variant") from err
+    try:
+        return dataclasses.replace(config, **changes)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--variant") from err
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 from runtime.schedule import Schedule
 
 SCHEDULE_KINDS = ("linear", "cosine")
+LR_DECAYS = ("none", "cosine")
 MAX_SEED = 2**63 - 1
 # Adam moves each weight by about lr per step; beyond 1 a step outweighs any trained weight.
 MAX_LR = 1.0
@@ -75,6 +76,7 @@ class TrainConfig:
 
     lr: float = 2e-4  # Adam step size after warmup (the paper's CIFAR-10 value)
     warmup: int = 5000  # steps of linear learning-rate warmup from 0
+    lr_decay: str = "none"  # after warmup: "none" (the paper's constant lr) or "cosine" to 0
     batch_size: int = 128  # global batch; split evenly over DDP ranks
     steps: int = 800_000  # total optimizer steps of the run (the paper's CIFAR-10 length)
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -116,6 +118,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_clip must be > 0, got {self.grad_clip}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"TrainConfig.lr_decay must be one of {LR_DECAYS}, "
+                             f"got {self.lr_decay!r}")
         if self.schedule_kind not in SCHEDULE_KINDS:
             raise ValueError(f"TrainConfig.schedule_kind must be one of {SCHEDULE_KINDS}, "
                              f"got {self.schedule_kind!r}")

@@ -19,13 +19,22 @@ import click  # noqa: E402
 from runtime.clierrors import MAX_THREADS, finite_float, guarded_command  # noqa: E402
 from runtime.fileio import check_output  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from training.config import MAX_LR, MAX_SEED, PRESETS, ModelConfig, TrainConfig, preset  # noqa: E402
+from training.config import (  # noqa: E402
+    LR_DECAYS,
+    MAX_LR,
+    MAX_SEED,
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    preset,
+)
 from training.data import DatasetError, load_dataset  # noqa: E402
 from training.distributed import DeviceError, dist_info_from_env  # noqa: E402
 from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, train  # noqa: E402
 
 # Options a resumed run takes from its checkpoint; giving a different value is an error.
-FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "seed": "--seed"}
+FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
+                   "seed": "--seed"}
 
 
 def _check_device(ctx, param, value: str) -> str:
@@ -57,6 +66,10 @@ def _check_data(ctx, param, value):
 @click.option("--lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=None,
               callback=finite_float,
               help="Adam learning rate after warmup. [default: the preset's]")
+@click.option("--lr-decay", type=click.Choice(LR_DECAYS), default=None,
+              help="After warmup: keep the learning rate (none), or decay it to 0 at --steps "
+                   "along a half cosine (a resume with a larger --steps stretches the curve). "
+                   "[default: the preset's]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory for ckpt.pt, log.jsonl and sample grids. [default: "
                    "runs/<preset>]")
@@ -75,12 +88,13 @@ def _check_data(ctx, param, value):
                    "no other work keeps busy; a resumed run keeps its own count]")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for the network's forward pass.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def main(preset_name, data, steps, batch_size, lr, out_dir, resume, overwrite, seed,
+def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, overwrite, seed,
          sample_every, save_every, device, threads, bf16, progress):
     """Train the DDPM epsilon-network and write a checkpoint that export can use alone."""
     out_dir = out_dir or Path("runs") / preset_name
     ckpt_path = out_dir / CKPT_NAME
-    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+    options = {"steps": steps, "batch_size": batch_size, "lr": lr, "lr_decay": lr_decay,
+               "seed": seed,
                "sample_every": sample_every, "save_every": save_every}
     given = {k: v for k, v in options.items() if v is not None}
     resume_from = None

@@ -140,9 +140,15 @@ class Trainer:
     # === One step ===
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup from 0 to lr over ``warmup`` steps, then constant (the paper)."""
-        warmup = self.config.warmup
-        return self.config.lr * min(1.0, (step + 1) / warmup) if warmup else self.config.lr
+        """Linear warmup from 0 to lr over ``warmup`` steps, then constant (the paper) or a
+        cosine decay that reaches 0 at ``steps``."""
+        cfg = self.config
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        if cfg.lr_decay == "cosine":
+            done = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+        return cfg.lr
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_0, t, noise) of this rank at ``step``: a function of (seed, rank, step) alone."""

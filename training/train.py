@@ -94,8 +94,7 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
     out_dir = out_dir or Path("runs") / preset_name
     ckpt_path = out_dir / CKPT_NAME
     options = {"steps": steps, "batch_size": batch_size, "lr": lr, "lr_decay": lr_decay,
-               "seed": seed,
-               "sample_every": sample_every, "save_every": save_every}
+               "seed": seed, "sample_every": sample_every, "save_every": save_every}
     given = {k: v for k, v in options.items() if v is not None}
     resume_from = None
     if resume:

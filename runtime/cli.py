@@ -13,7 +13,8 @@ import numpy as np
 
 from . import backends
 from .bulk import DEFAULT_SHARD_SIZE
-from .clierrors import MAX_THREADS, finite_float, guarded_group
+from .clierrors import finite_float, guarded_group
+from .errors import MAX_THREADS
 from .fileio import atomic_output, check_output
 from .raycluster import RayClusterError
 from .samplers import SAMPLERS

@@ -16,8 +16,6 @@ import click
 from .errors import BackendUnavailableError, ModelFileError, NonFiniteError
 from .fileio import OutputError
 
-# Far above any machine's cores; a larger --threads only asks for memory it cannot get.
-MAX_THREADS = 1024
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: an internal software error
 BUG_LINE = ("internal error: this is a bug in ddpm-deploy, not a problem with your input; "
             "please report it with the traceback above")

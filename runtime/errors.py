@@ -2,6 +2,9 @@
 
 import numbers
 
+# Far above any machine's cores; more threads only ask for memory and stacks they cannot get.
+MAX_THREADS = 1024
+
 
 class ModelFileError(ValueError):
     """A model file (ONNX or engine sidecar) is missing, malformed or inconsistent."""
@@ -25,8 +28,11 @@ class Overloaded(RuntimeError):
     shutting down. Retry later, or on another server."""
 
 
-def check_int(value, name: str, *, minimum: int = 1) -> None:
-    """Raise ValueError unless ``value`` is an integer (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+def check_int(value, name: str, *, minimum: int = 1, maximum: int | None = None) -> None:
+    """Raise ValueError unless ``value`` is an integer (not a bool) in [minimum, maximum]."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        if maximum is not None:
+            what += f" no larger than {maximum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")

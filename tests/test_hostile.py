@@ -204,6 +204,11 @@ def test_runtime_api_refuses_bad_calls(tiny_onnx):
     pipe.close()
     with pytest.raises(ValueError, match="closed"):
         pipe.sample(2, 0, steps=2, progress=False)
+    # A thread count is checked before any session or pool is made: a billion threads would
+    # otherwise ask for a billion stacks.
+    for threads in (0, -1, 1025, 10**9, 2.0, True):
+        with pytest.raises(ValueError, match="threads"):
+            runtime.load(tiny_onnx, threads=threads)
 
 
 # === training/train.py ===

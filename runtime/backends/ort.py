@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cpus import cpu_count
-from ..errors import BackendUnavailableError, ModelFileError, check_int
+from ..errors import MAX_THREADS, BackendUnavailableError, ModelFileError, check_int
 from ..metadata import METADATA_KEY, ModelRecord
 from . import register
 
@@ -82,7 +82,7 @@ class OrtBackend:
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such model file")
         if threads is not None:
-            check_int(threads, "threads")
+            check_int(threads, "threads", maximum=MAX_THREADS)
         self.device = device
         self._provider_options = [{}] if device == "cpu" else [{"device_id": device_id}]
         self.threads = cpu_count() if threads is None and device == "cpu" else threads

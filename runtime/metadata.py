@@ -109,6 +109,9 @@ class ModelRecord:
         except json.JSONDecodeError as err:
             raise ModelFileError(f"{source}: the '{METADATA_KEY}' metadata is not valid JSON "
                                  f"({err.msg} at char {err.pos}); re-export the model") from None
+        except RecursionError:  # e.g. '[' * 100000: not a record, whatever else it is
+            raise ModelFileError(f"{source}: the '{METADATA_KEY}' metadata nests too deeply "
+                                 "to be a model record; re-export the model") from None
         return cls.from_dict(data, source)
 
     def _validate(self, source: str) -> None:

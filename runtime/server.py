@@ -118,6 +118,9 @@ async def read_json(request: Request):
         return json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"the body is not valid JSON ({err})") from None
+    except RecursionError:
+        raise BadRequest("the body's JSON nests too deeply; a request is one flat object") \
+            from None
 
 
 # === Encoding ===

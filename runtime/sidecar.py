@@ -147,6 +147,9 @@ def read_sidecar(engine_path) -> EngineSidecar:
             f"{path}: engine sidecar is not valid JSON (line {exc.lineno}: {exc.msg}); "
             f"{REBUILD_HINT}"
         ) from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: engine sidecar nests too deeply to be a sidecar; "
+                             f"{REBUILD_HINT}") from None
     return EngineSidecar.from_dict(data, path)
 
 

@@ -121,6 +121,7 @@ def test_backend_checks_inputs(tiny_onnx):
 @pytest.mark.parametrize("edit, match", [
     (lambda r: None, "no 'ddpm' metadata"),
     (lambda r: "{not json", "not valid JSON"),
+    (lambda r: "[" * 100_000, "nests too deeply"),
     (lambda r: {**r, "format_version": 99}, "format version 99, newer than"),
     (lambda r: {k: v for k, v in r.items() if k != "num_levels"}, "lacks"),
     (lambda r: {**r, "image_shape": [3, 8, 8]}, "metadata says"),

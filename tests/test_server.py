@@ -148,6 +148,7 @@ BAD = [
     ("POST", "/v1/samples", b'{"n": 1, "id": "../x"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "seed": 99999999999999999999999}', 422),
     ("POST", "/v1/samples", b"\xff\xfe", 400),
+    ("POST", "/v1/samples", b"[" * 16000, 400),
     ("POST", "/v1/samples", b'{"n": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
     ("GET", "/v1/samples", None, 405),
     ("DELETE", "/v1/samples/nothing-here", None, 404),

@@ -96,6 +96,7 @@ def _without(key: str) -> dict:
     "text, message",
     [
         ("{not json", "not valid JSON"),
+        ("[" * 100_000, "nests too deeply"),
         ("[1, 2]", "not a JSON object"),
         (json.dumps(_without("tensorrt")), '"tensorrt"'),
         (json.dumps(_legacy_dict(gpu=7)), "tensorrt.gpu"),

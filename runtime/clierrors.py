@@ -8,6 +8,7 @@ else is a bug in this code: its traceback is kept and a last line says so, exit 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import traceback
 
@@ -36,6 +37,19 @@ def one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+def _closed_stdout() -> None:
+    """The reader of our stdout went away (``| head``): not a bug. Point stdout at
+    /dev/null so the interpreter's last flush cannot raise again, say so once, exit 1."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    try:
+        click.echo("Error: standard output was closed before the command finished "
+                   "(broken pipe); each file written is whole or absent", err=True)
+    except OSError:
+        pass
+    sys.exit(1)
+
+
 def _guard(base: type[click.Command], user_errors: tuple[type[BaseException], ...]):
     class Guarded(base):
         def invoke(self, ctx: click.Context):
@@ -43,6 +57,8 @@ def _guard(base: type[click.Command], user_errors: tuple[type[BaseException], ..
                 return super().invoke(ctx)
             except (click.exceptions.Exit, click.ClickException, click.Abort):
                 raise
+            except BrokenPipeError:
+                _closed_stdout()
             except user_errors as err:
                 raise click.ClickException(one_line(err)) from None
             except Exception:

@@ -341,3 +341,20 @@ def test_an_internal_error_says_it_is_a_bug():
     result = CliRunner().invoke(cmd, ["--what", "bug"])
     assert result.exit_code == EXIT_BUG
     assert "Traceback" in result.output and result.output.strip().endswith(BUG_LINE)
+
+
+def test_a_closed_stdout_is_not_a_bug(tiny_onnx, tmp_path):
+    """`sample ... | head`: the reader leaves early. One line on stderr, exit 1, and the
+    grid, written before the report line, is whole."""
+    out = tmp_path / "grid.png"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "sample", str(tiny_onnx), "-n",
+                             "2", "--steps", "2", "--no-progress", "-o", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # nobody will read what it prints
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, stderr
+    assert "broken pipe" in stderr and "Traceback" not in stderr and "bug" not in stderr
+    from PIL import Image
+
+    with Image.open(out) as png:
+        assert png.format == "PNG"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,6 +117,8 @@ class OrtBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1  # one chain of ops: parallelism lives inside ops
+        # Fatal only: every failure becomes one line of ours, not a second copy in red.
+        options.log_severity_level = 4
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
@@ -139,7 +142,8 @@ class OrtBackend:
             if node.type != "tensor(float)":
                 raise ModelFileError(f"{where}: {name} must be float32, the file says {node.type}")
         x_shape, eps_shape = inputs["x"].shape, outputs["eps"].shape
-        if len(x_shape) != 4 or [int(d) for d in x_shape[1:]] != list(self.record.image_shape):
+        # A symbolic C, H or W ('C') is as wrong as a different number: the record fixes them.
+        if len(x_shape) != 4 or list(x_shape[1:]) != list(self.record.image_shape):
             raise ModelFileError(f"{where}: input x has shape {x_shape} but the metadata says "
                                  f"[B, {', '.join(map(str, self.record.image_shape))}]")
         if len(eps_shape) != 4 or list(eps_shape[1:]) != list(x_shape[1:]):
@@ -180,8 +184,37 @@ class OrtBackend:
         binding.bind_cpu_input("x", x)
         binding.bind_cpu_input("t", t)
         binding.bind_output("eps", "cuda")
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        with self._run_errors(x):
+            self.session.run_with_iobinding(binding)
+        return self._checked(binding.copy_outputs_to_cpu()[0], x)
+
+    @contextlib.contextmanager
+    def _run_errors(self, x: np.ndarray):
+        """A file that loads can still fail to run (a graph that fixes the batch inside, a
+        machine out of memory): one line naming the file, not ONNX Runtime's trace."""
+        try:
+            yield
+        except _load_errors() as err:
+            first = (str(err).splitlines() or [""])[0][:300]
+            raise ModelFileError(
+                f"{self.path}: ONNX Runtime failed on a batch of {x.shape[0]} "
+                f"({type(err).__name__}: {first}); re-export the model with "
+                "export/to_onnx.py, or use a smaller batch if memory ran out"
+            ) from None
+
+    def _checked(self, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        # The declared output shape is symbolic in the batch: only a run shows the real one.
+        if eps.shape != x.shape or eps.dtype != np.float32:
+            raise ModelFileError(
+                f"{self.path}: the network returned eps {eps.dtype} {list(eps.shape)} for x "
+                f"{list(x.shape)}; the contract is eps float32 of x's shape: re-export the model"
+            )
+        return eps
+
+    def _run(self, session, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        with self._run_errors(x):
+            eps = session.run(["eps"], {"x": x, "t": t})[0]
+        return self._checked(eps, x)
 
     def _cpu_session(self, kind: str):
         with self._lock:
@@ -199,9 +232,9 @@ class OrtBackend:
     def _run_cpu(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         batch = x.shape[0]
         if self._pool is None:
-            return self._cpu_session("shard").run(["eps"], {"x": x, "t": t})[0]
+            return self._run(self._cpu_session("shard"), x, t)
         if batch < self.threads:
-            return self._cpu_session("wide").run(["eps"], {"x": x, "t": t})[0]
+            return self._run(self._cpu_session("wide"), x, t)
         session = self._cpu_session("shard")
         bounds = np.linspace(0, batch, self.threads + 1).round().astype(int)
         out = np.empty(x.shape, np.float32)
@@ -209,7 +242,7 @@ class OrtBackend:
         def shard(i: int) -> None:
             lo, hi = bounds[i], bounds[i + 1]
             # ONNX Runtime lets go of the GIL while it runs, so the shards run together.
-            out[lo:hi] = session.run(["eps"], {"x": x[lo:hi], "t": t[lo:hi]})[0]
+            out[lo:hi] = self._run(session, x[lo:hi], t[lo:hi])
 
         others = [self._pool.submit(shard, i) for i in range(1, self.threads)]
         shard(0)  # the calling thread takes the first shard

@@ -188,7 +188,12 @@ def check_schedule_config(value: Any) -> dict[str, Any]:
     kind = value.get("kind")
     if kind not in SCHEDULE_PARAMS:
         raise ValueError(f"schedule kind must be one of {sorted(SCHEDULE_PARAMS)}, got {kind!r}")
-    allowed = {"kind", "num_timesteps", "respaced", *SCHEDULE_PARAMS[kind]}
+    if "respaced" in value:
+        # A network is trained on every timestep; which of them a sampler visits is chosen
+        # per call (--steps, --spacing), never stored with the model.
+        raise ValueError("schedule has 'respaced': a model's schedule is the full training "
+                         "chain; choose the sampling steps with --steps instead")
+    allowed = {"kind", "num_timesteps", *SCHEDULE_PARAMS[kind]}
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise ValueError(f"schedule has unknown keys {unknown}")
@@ -200,9 +205,6 @@ def check_schedule_config(value: Any) -> dict[str, Any]:
     for name in SCHEDULE_PARAMS[kind]:
         if name in value:
             config[name] = _real(value[name], f"schedule {name}")
-    if "respaced" in value:
-        config["respaced"] = check_integer(value["respaced"], "schedule respaced", 1,
-                                      config["num_timesteps"])
     return config
 
 

@@ -52,6 +52,12 @@ class Schedule:
         # === Forward process q(x_t | x_0) ===
         self.alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(self.alphas)
+        if not self.alphas_cumprod[-1] >= np.finfo(np.float64).tiny:
+            # The tables below divide by it: past float64's smallest normal number 1/ab is
+            # inf, sampling gives NaN, and the network would be blamed.
+            raise ValueError(f"alphas_cumprod falls below float64's range by step "
+                             f"{self._first_tiny()} of {betas.size}: use fewer timesteps or "
+                             "smaller betas")
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
@@ -99,6 +105,9 @@ class Schedule:
         config = {"kind": "cosine", "num_timesteps": int(num_timesteps),
                   "s": float(s), "max_beta": float(max_beta)}
         return cls(betas, config=config)
+
+    def _first_tiny(self) -> int:
+        return int(np.argmax(self.alphas_cumprod < np.finfo(np.float64).tiny))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Schedule:

@@ -127,6 +127,9 @@ def test_backend_checks_inputs(tiny_onnx):
     (lambda r: {**r, "image_shape": [3, 8, 8]}, "metadata says"),
     (lambda r: {**r, "prediction": "v"}, "not supported"),
     (lambda r: {**r, "schedule": {"kind": "quadratic"}}, "schedule kind"),
+    # Valid numbers that cannot be sampled: alphas_cumprod leaves float64 (1/ab = inf).
+    (lambda r: {**r, "schedule": {**r["schedule"], "num_timesteps": 100_000}}, "falls below"),
+    (lambda r: {**r, "schedule": {**r["schedule"], "respaced": 10}}, "full training chain"),
 ])
 def test_bad_model_files_are_refused(tiny_onnx, tmp_path, edit, match):
     bad = _rewrite_record(tiny_onnx, tmp_path / "bad.onnx", edit)
@@ -253,3 +256,53 @@ def test_sampling_an_onnx_file_never_imports_torch(tiny_onnx):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def _graph_file(record_from: Path, dst: Path, nodes, x_dims=("B", 1, 8, 8), extra=()) -> Path:
+    """A hand-built ONNX file with inputs x, t and output eps, carrying ``record_from``'s
+    ddpm record: a graph the metadata accepts and that breaks the contract when run."""
+    from onnx import TensorProto, helper
+
+    source = onnx.load(str(record_from))
+    graph = helper.make_graph(
+        nodes, "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_dims)),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"])],
+        [helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", 1, 8, 8])],
+        initializer=list(extra))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    for prop in source.metadata_props:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = prop.key, prop.value
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_a_graph_that_breaks_the_contract_when_run_is_one_line(tiny_onnx, tmp_path):
+    """Files that load but fail on a batch: a Reshape that fixes the batch at 1, and an
+    output with twice the batch. Each is a ModelFileError naming the file, whatever the
+    thread count (two threads cut the batch of 4 into shards of 2 run in a pool)."""
+    from onnx import helper, numpy_helper
+
+    fixed = numpy_helper.from_array(np.array([1, 1, 8, 8], np.int64), "shape")
+    reshape = _graph_file(tiny_onnx, tmp_path / "reshape.onnx",
+                          [helper.make_node("Reshape", ["x", "shape"], ["eps"])], extra=[fixed])
+    double = _graph_file(tiny_onnx, tmp_path / "double.onnx",
+                         [helper.make_node("Concat", ["x", "x"], ["eps"], axis=0)])
+    for path, match in [(reshape, "ONNX Runtime failed on a batch of"),
+                        (double, r"returned eps float32 \[(\d+), 1, 8, 8\] for x \[\d+, 1")]:
+        for threads in (1, 2):
+            with runtime.load(path, threads=threads) as pipe:
+                with pytest.raises(ModelFileError, match=match) as info:
+                    pipe.sample(4, seed=0, steps=2, progress=False)
+            assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_symbolic_image_dims_are_refused_on_load(tiny_onnx, tmp_path):
+    from onnx import helper
+
+    path = _graph_file(tiny_onnx, tmp_path / "symbolic.onnx",
+                       [helper.make_node("Identity", ["x"], ["eps"])], x_dims=("B", "C", 8, 8))
+    with pytest.raises(ModelFileError, match=r"input x has shape \['B', 'C', 8, 8\]"):
+        runtime.load(path)

@@ -153,11 +153,24 @@ def test_config_round_trip():
         ([0.1, float("nan")], "NaN"),
         ([[0.1, 0.2]], "1-D"),
         ([], "non-empty"),
+        # Each beta lies in (0, 1); the product of the alphas leaves float64's normal range
+        # at step 21 ((1.1e-15)**21 / 2 < 2.2e-308).
+        ([0.5] + [1 - 1e-15] * 22, "by step 21 of 23"),
     ],
 )
 def test_invalid_betas_raise(betas, match):
     with pytest.raises(ValueError, match=match):
         Schedule(np.array(betas, dtype=np.float64))
+
+
+def test_the_longest_sane_linear_schedule_builds_and_its_tables_are_finite():
+    """T = 70,000 keeps alphas_cumprod a normal float64 (~2.6e-308); 100,000 (the record's
+    upper bound on T) does not and is refused rather than sampling NaN."""
+    s = Schedule.linear(70_000)
+    for table in (s.sqrt_recip_alphas_cumprod, s.sqrt_recipm1_alphas_cumprod, s.posterior_variance):
+        assert np.all(np.isfinite(table))
+    with pytest.raises(ValueError, match="falls below float64's range"):
+        Schedule.linear(100_000)
 
 
 def test_bad_inputs_raise_clear_errors():

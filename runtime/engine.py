@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import Cancelled, NonFiniteError, Overloaded, check_int
+from .errors import MAX_SEED, Cancelled, NonFiniteError, Overloaded, check_int
 from .metadata import ModelRecord
 from .samplers import ImageNoise, draw_noise, make_sampler, sampler_options
 from .schedule import SPACINGS, VARIANCES, Schedule
@@ -156,7 +156,7 @@ class Engine:
         if n > self.max_n:
             raise ValueError(f"n must be at most {self.max_n} on this engine, got {n}; "
                              "split the request")
-        check_int(seed, "seed", minimum=0)
+        check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
         if options.variance not in VARIANCES:
             raise ValueError(f"unknown variance {options.variance!r}; expected one of "
                              f"{VARIANCES}")

@@ -4,6 +4,8 @@ import numbers
 
 # Far above any machine's cores; more threads only ask for memory and stacks they cannot get.
 MAX_THREADS = 1024
+# Seeds are non-negative 63-bit integers, so every file and client stores them as int64.
+MAX_SEED = 2**63 - 1
 
 
 class ModelFileError(ValueError):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .backends import open_backend
-from .errors import Cancelled, check_int
+from .errors import MAX_SEED, Cancelled, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .samplers import ImageNoise, sample, sampler_options
@@ -116,7 +116,7 @@ class Pipeline:
                              "with runtime.load()")
         check_int(n, "n")
         # An explicit seed always: None would silently give other images on every call.
-        check_int(seed, "seed", minimum=0)
+        check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
             # eta = 1 is DDPM's posterior variance. Above it a step adds more noise than the
             # posterior has, and near t = 0 sigma_t^2 exceeds 1 - alpha_bar_{t-1}: DDIM's

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import Engine, Job, Options
-from .errors import Cancelled, Overloaded
+from .errors import MAX_SEED, Cancelled, Overloaded
 from .images import make_grid, png_bytes, to_uint8
 
 FORMATS = ("grid", "png", "npz")
@@ -79,8 +79,8 @@ def parse_request(body) -> dict:
         raise BadRequest("n must be an integer, got null")
     if req["seed"] is None:
         req["seed"] = secrets.randbits(63)  # echoed, so the images can be made again
-    elif not 0 <= req["seed"] < 2**63:
-        raise BadRequest(f"seed must be in [0, 2**63), got {req['seed']}", 422)
+    elif not 0 <= req["seed"] <= MAX_SEED:
+        raise BadRequest(f"seed must be in [0, 2**63 - 1], got {req['seed']}", 422)
     for name, default in [("sampler", "ddpm"), ("variance", "fixedlarge"),
                           ("spacing", "linspace"), ("format", "grid")]:
         value = body.get(name, default)

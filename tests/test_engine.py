@@ -147,6 +147,7 @@ def test_full_queue_and_limits_are_refused_at_once():
     assert engine.snapshot()["refused"] == 1
     bad = [({"n": 9}, "n must be at most 8"), ({"n": 0}, "n must be"),
            ({"n": True}, "n must be"), ({"seed": -1}, "seed must be"),
+           ({"seed": 2**63}, "no larger than"),
            ({"steps": 51}, "steps must be at most 50"), ({"steps": None}, "at most 50"),
            ({"sampler": "euler"}, "unknown sampler"), ({"variance": "big"}, "unknown variance"),
            ({"eta": float("nan")}, "eta must be"), ({"eta": -1.0}, "eta must be"),

@@ -195,6 +195,7 @@ def test_runtime_api_refuses_bad_calls(tiny_onnx):
 
     pipe = runtime.load(tiny_onnx)
     for kwargs, match in [({"seed": None}, "seed"), ({"seed": -1}, "seed"),
+                          ({"seed": 2**63}, "seed"),
                           ({"n": 10**12}, "n=1000000000000"), ({"eta": 1000.0}, "eta"),
                           ({"eta": float("nan")}, "eta"), ({"n": True}, "n")]:
         call = {"n": 2, "seed": 0, "steps": 2, "progress": False, **kwargs}

@@ -89,6 +89,39 @@ def test_npz_that_is_not_an_npz(tmp_path):
     _one_line_error(tmp_path / "bad.npz", 8, 3, match="bad.npz")
 
 
+def test_npz_that_is_a_renamed_npy(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((4, 8, 8), np.uint8))
+    os.replace(tmp_path / "a.npy", tmp_path / "a.npz")
+    _one_line_error(tmp_path / "a.npz", match="a.npz: not an .npz (zip) archive")
+
+
+def test_npz_header_claiming_a_huge_shape_is_refused_before_loading(tmp_path):
+    import zipfile
+
+    np.savez(tmp_path / "h.npz", images=np.zeros((4, 8, 8), np.uint8))
+    with zipfile.ZipFile(tmp_path / "h.npz") as z:
+        member = z.read("images.npy")
+    # The header's padding absorbs the longer shape: the .npy stays well-formed.
+    edited = member.replace(b"(4, 8, 8), }" + b" " * 11, b"(100000000000, 8, 8), }")
+    assert edited != member and len(edited) == len(member)
+    with zipfile.ZipFile(tmp_path / "h.npz", "w") as z:
+        z.writestr("images.npy", edited)
+    message = _one_line_error(tmp_path / "h.npz", match="h.npz")
+    assert "[100000000000, 8, 8]" in message and "corrupt" in message
+
+
+def test_npz_of_the_wrong_dtype_is_refused_from_its_header(tmp_path):
+    np.savez(tmp_path / "f.npz", images=np.zeros((4, 8, 8), np.float32))
+    _one_line_error(tmp_path / "f.npz", match="dtype float32")
+
+
+def test_file_datasets_record_their_absolute_path(tmp_path, monkeypatch):
+    np.savez(tmp_path / "ok.npz", images=np.zeros((4, 8, 8), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    assert load_dataset("ok.npz", 8, 1).spec == str(tmp_path.resolve() / "ok.npz")
+    assert load_dataset("digits", 8, 1).spec == "digits"
+
+
 def test_npz_empty(tmp_path):
     np.savez(tmp_path / "e.npz", images=np.zeros((0, 8, 8, 3), dtype=np.uint8))
     _one_line_error(tmp_path / "e.npz", 8, 3, match="no images")

@@ -11,13 +11,16 @@ image set costs a byte per value in memory, not four.
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from runtime.clierrors import one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -32,7 +35,7 @@ class Dataset:
     """Images as integer levels: ``levels`` uint8 [N, C, H, W] with values 0..num_levels-1."""
 
     name: str  # "digits", "cifar10", or the file/folder name
-    spec: str  # what was passed to load_dataset; enough to load it again on resume
+    spec: str  # "digits" or the absolute path of the file/folder: enough to load it again
     levels: np.ndarray
     num_levels: int  # 17 for digits (0..16), 256 for 8-bit images
 
@@ -72,10 +75,13 @@ def load_dataset(spec: str, image_size: int, channels: int) -> Dataset:
         if path.suffix.lower() != ".npz":
             raise DatasetError(f"{spec}: unsupported file type {path.suffix!r}; expected an .npz "
                                "with an 'images' uint8 array, or a folder of images")
-        return _npz(path, spec, image_size, channels)
-    if any((path / name).is_file() for name in CIFAR_BATCHES):
-        return _cifar10(path, spec, image_size, channels)
-    return _image_folder(path, spec, image_size, channels)
+        dataset = _npz(path, spec, image_size, channels)
+    elif any((path / name).is_file() for name in CIFAR_BATCHES):
+        dataset = _cifar10(path, spec, image_size, channels)
+    else:
+        dataset = _image_folder(path, spec, image_size, channels)
+    # Recorded in checkpoints: an absolute path finds the data again from any folder.
+    return replace(dataset, spec=str(path.resolve()))
 
 
 def _check_shape(spec: str, levels: np.ndarray, image_size: int, channels: int) -> None:
@@ -98,21 +104,52 @@ def _digits(image_size: int, channels: int) -> Dataset:
     return Dataset(name="digits", spec="digits", levels=levels, num_levels=17)
 
 
-def _npz(path: Path, spec: str, image_size: int, channels: int) -> Dataset:
+def _check_npz_header(path: Path, spec: str) -> None:
+    """Read the 'images' member's .npy header (shape, dtype) and refuse before loading what
+    is not a zip archive, not uint8, or claims more bytes than the member holds."""
+    fix = "write it with np.savez(path, images=uint8_array)"
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{spec}: not an .npz (zip) archive (a .npy file renamed?); {fix}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "images" not in archive.files:
-                raise DatasetError(f"{spec}: has no 'images' array (found {archive.files}); "
-                                   "save the images with np.savez(path, images=uint8_array)")
-            images = archive["images"]
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            member = next((n for n in ("images.npy", "images") if n in names), None)
+            if member is None:
+                found = [n.removesuffix(".npy") for n in names]
+                raise DatasetError(f"{spec}: has no 'images' array (found {found}); {fix}")
+            size = archive.getinfo(member).file_size
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         if isinstance(err, DatasetError):
             raise
-        raise DatasetError(f"{spec}: not a readable .npz file ({err}); write it with "
-                           "np.savez(path, images=uint8_array)") from err
-    if images.dtype != np.uint8:
-        raise DatasetError(f"{spec}: 'images' has dtype {images.dtype}, expected uint8 "
+        raise DatasetError(f"{spec}: not a readable .npz file ({one_line(err)}); {fix}") \
+            from None
+    if dtype != np.uint8:
+        raise DatasetError(f"{spec}: 'images' has dtype {dtype}, expected uint8 "
                            "(0..255); convert with np.clip(x, 0, 255).astype(np.uint8)")
+    # A uint8 array of this shape needs prod(shape) bytes; the member (uncompressed) holds
+    # the header and the data, so a header claiming more is corrupt, not a real data set.
+    if math.prod(shape) > size:
+        raise DatasetError(f"{spec}: 'images' header claims shape {list(shape)} "
+                           f"({math.prod(shape):,} bytes) but the file holds {size:,}; "
+                           f"the file is truncated or corrupt, {fix}")
+
+
+def _npz(path: Path, spec: str, image_size: int, channels: int) -> Dataset:
+    _check_npz_header(path, spec)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            images = archive["images"]
+    except MemoryError:
+        raise DatasetError(f"{spec}: 'images' does not fit in this machine's memory; "
+                           "train on a smaller subset") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise DatasetError(f"{spec}: not a readable .npz file ({one_line(err)}); write it with "
+                           "np.savez(path, images=uint8_array)") from None
     if images.ndim == 3 and channels == 1:
         images = images[:, None]
     nhwc = (images.ndim == 4 and images.shape[3] == channels

@@ -14,11 +14,13 @@ import json
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.test_runtime import _rewrite_record
 
@@ -241,6 +243,53 @@ def test_train_cli_refuses_bad_input(ckpt, tmp_path):
           for run in runs.values()],
     ]
     run_table("training.train:main", cases, tmp_path)
+
+
+def test_refused_train_commands_leave_the_run_and_the_data_untouched(ckpt, tmp_path):
+    """Every check (options, data, outputs, resume) runs before anything is removed or
+    written: an --overwrite with bad data keeps the old log, a run never writes into its
+    image folder, and a malformed checkpoint or a shrunk data set is one line."""
+    data = tmp_path / "data"
+    images = data / "images"
+    images.mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((8, 8), 40 * k, np.uint8)).save(images / f"{k}.png")
+    np.savez(data / "f32.npz", images=np.zeros((40, 8, 8), np.float32))
+    np.savez(data / "five.npz", images=np.zeros((5, 8, 8), np.uint8))
+    np.save(data / "renamed.npy", np.zeros((40, 8, 8), np.uint8))
+    (data / "renamed.npy").rename(data / "renamed.npz")
+    with zipfile.ZipFile(data / "huge.npz", "w") as z:  # a header claiming 6.4 TB
+        header = {"descr": "|u1", "fortran_order": False, "shape": (10**11, 8, 8)}
+        z.writestr("images.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", 118)
+                   + repr(header).encode().ljust(117) + b"\n")
+    run = write_ckpt(tmp_path / "run" / "ckpt.pt", ckpt, lambda c: None).parent
+    (run / "log.jsonl").write_text('{"step": 100, "loss": 0.5}\n{"step": 300, "loss": 0.4}\n')
+    shrunk = write_ckpt(tmp_path / "shrunk" / "ckpt.pt", ckpt,
+                        lambda c: c["data"].update(spec=str(data / "five.npz"))).parent
+    rngs = {
+        "short_rng": lambda c: c["rng"].update(torch=c["rng"]["torch"][:100]),
+        "zero_rng": lambda c: c["rng"].update(torch=c["rng"]["torch"] * 0),
+        "numpy_rng": lambda c: c["rng"]["numpy"].update(keys=[2**40] * 624),
+        "cuda_rng": lambda c: c["rng"].update(cuda=["state"]),
+    }
+    bad_rng = [write_ckpt(tmp_path / name / "ckpt.pt", ckpt, edit) for name, edit in rngs.items()]
+    over = ["--out", run, "--overwrite", "--steps", "5", "--no-progress", "--data"]
+    cases = [
+        ([*over, data / "f32.npz"], "f32.npz"),
+        ([*over, tmp_path / "nonexistent.npz"], "nonexistent.npz"),
+        ([*over, data / "renamed.npz"], "renamed.npz"),
+        ([*over, data / "huge.npz"], "huge.npz"),
+        ([*over, data / "five.npz", "--batch-size", "8"], "--batch-size"),
+        (["--data", images, "--out", images, "--no-progress"], "--out"),
+        (["--data", images, "--out", images / "run", "--no-progress"], "--out"),
+        (["--data", data / "five.npz", "--out", data / "five.npz", "--no-progress"], "--out"),
+        (["--out", shrunk, "--resume", "--steps", "301", "--no-progress"],
+         "keeps its batch size"),
+        *[(["--out", path.parent, "--resume", "--steps", "301", "--no-progress"], path)
+          for path in bad_rng],
+    ]
+    run_table("training.train:main", cases, tmp_path)
+    assert not (images / "run").exists()
 
 
 def test_training_stops_on_nan_gradients_before_saving(tmp_path, one_torch_thread):

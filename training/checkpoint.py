@@ -11,6 +11,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from runtime.clierrors import one_line
@@ -226,14 +227,34 @@ def _optimizer_problem(state: Any, params: list[tuple[int, ...]]) -> str | None:
 
 
 def _rng_problem(state: Any) -> str | None:
+    """Each state is tried on a fresh generator, so a malformed one is refused here, not by
+    the global generators halfway through a resume."""
     np_state = state.get("numpy") if isinstance(state, dict) else None
     if not (isinstance(state, dict) and isinstance(state.get("torch"), torch.Tensor)
-            and state["torch"].dtype == torch.uint8 and isinstance(state.get("cuda"), list)
-            and isinstance(np_state, dict) and isinstance(np_state.get("keys"), list)
-            and len(np_state["keys"]) == 624
-            and all(isinstance(np_state.get(k), int) for k in ("pos", "has_gauss"))
-            and isinstance(np_state.get("cached_gaussian"), float)):
+            and isinstance(state.get("cuda"), list) and isinstance(np_state, dict)
+            and isinstance(np_state.get("keys"), list)):
         return "is missing or malformed"
+    try:
+        torch.Generator().set_state(state["torch"])
+    except (RuntimeError, TypeError) as err:
+        return f"'torch' is not a CPU generator state ({one_line(err)})"
+    try:
+        for cuda_state in state["cuda"]:
+            if not isinstance(cuda_state, torch.Tensor) or cuda_state.dtype != torch.uint8:
+                raise TypeError("not a uint8 tensor")
+            if torch.cuda.is_available():
+                torch.Generator("cuda").set_state(cuda_state)
+    except (RuntimeError, TypeError) as err:
+        return f"'cuda' is not a list of CUDA generator states ({one_line(err)})"
+    fields = [np_state.get(k) for k in ("kind", "pos", "has_gauss", "cached_gaussian")]
+    if not (len(np_state["keys"]) == 624 and all(type(k) is int for k in np_state["keys"])
+            and type(fields[1]) is int and type(fields[2]) is int and type(fields[3]) is float):
+        return "'numpy' is not a numpy RandomState state"
+    try:
+        np.random.RandomState().set_state((fields[0], np.array(np_state["keys"], np.uint32),
+                                           *fields[1:]))
+    except (ValueError, TypeError, OverflowError, IndexError) as err:
+        return f"'numpy' is not a numpy RandomState state ({one_line(err)})"
     return None
 
 

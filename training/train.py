@@ -7,6 +7,7 @@ Multi-GPU / multi-node: `torchrun --nproc_per_node N training/train.py --preset 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ from training.config import (  # noqa: E402
 )
 from training.data import DatasetError, load_dataset  # noqa: E402
 from training.distributed import DeviceError, dist_info_from_env  # noqa: E402
-from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, train  # noqa: E402
+from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, epoch_steps, train  # noqa: E402
 
 # Options a resumed run takes from its checkpoint; giving a different value is an error.
 FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
@@ -106,12 +107,7 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
         train_config = TrainConfig.from_dict(resume_from["train_config"])
         _check_resume_options(ctx_preset=preset_name, model_config=model_config,
                               train_config=train_config, given=given)
-        recorded = resume_from["data"]["spec"]
-        if data is not None and not _same_data(data, recorded):
-            raise click.BadParameter(f"{data!r} is not the data {ckpt_path} was trained on "
-                                     f"({recorded!r}); drop --data when resuming, or start a "
-                                     "new run with --out", param_hint="--data")
-        data = recorded
+        data = _resume_data(data, resume_from["data"]["spec"], ckpt_path)
     else:
         if ckpt_path.exists() and not overwrite:
             raise click.UsageError(f"{ckpt_path} exists; pass --resume to continue that run, "
@@ -122,8 +118,7 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
                 raise click.UsageError(f"--preset {preset_name} needs --data (an .npz, an image "
                                        "folder or a cifar-10-batches-py folder)")
             data = "digits"
-        if overwrite and dist_info_from_env().is_main:
-            (out_dir / LOG_NAME).unlink(missing_ok=True)
+    _check_out_outside_data(out_dir, data)
     try:
         train_config = train_config.replace(**given)
     except ValueError as err:
@@ -136,6 +131,10 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
     for name in (CKPT_NAME, LOG_NAME):
         check_output(out_dir / name, inputs=[data] if data != "digits" else [], option="--out")
     dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
+    epoch_steps(dataset, train_config.batch_size, dist_info_from_env().world_size,
+                resuming=resume_from is not None)
+    # Nothing was written or removed so far: a refused command leaves OUT as it was (a fresh
+    # run's log is emptied by the trainer, once it has accepted the data and options).
     trainer = train(model_config, train_config, dataset, out_dir, device=device, bf16=bf16,
                     resume_from=resume_from, progress=progress, threads=threads)
     if trainer.info.is_main:
@@ -150,6 +149,46 @@ def _same_data(given: str, recorded: str) -> bool:
     if "digits" in (given, recorded):
         return False
     return Path(given).expanduser().resolve() == Path(recorded).expanduser().resolve()
+
+
+def _resume_data(given: str | None, recorded: str, ckpt_path: Path) -> str:
+    """The data a resumed run reads: the checkpoint's own. A --data given must name it.
+
+    Checkpoints record an absolute path; older ones the path as typed, relative to the
+    folder that run started in. Where that is not found from here, a --data whose path
+    ends in the recorded one is taken as the same data (its shape is checked on load).
+    """
+    stored = Path(recorded).expanduser()
+    if recorded == "digits" or stored.is_absolute() or stored.exists():
+        if given is not None and not _same_data(given, recorded):
+            raise click.BadParameter(f"{given!r} is not the data {ckpt_path} was trained on "
+                                     f"({recorded!r}); drop --data when resuming, or start a "
+                                     "new run with --out", param_hint="--data")
+        return recorded if given is None else given
+    if given is None:
+        raise DatasetError(f"{ckpt_path} records its data as {recorded!r}, relative to the "
+                           f"folder that run started in, and it is not found from {Path.cwd()}"
+                           "; pass --data with that data's path (or resume from that folder)")
+    tail = [part for part in Path(os.path.normpath(recorded)).parts if part != ".."]
+    if list(Path(given).expanduser().resolve().parts[-len(tail):]) != tail:
+        raise click.BadParameter(f"{given!r} is not the data {ckpt_path} was trained on "
+                                 f"({recorded!r}, relative to the folder that run started "
+                                 "in); pass the path of that same file or folder",
+                                 param_hint="--data")
+    return given
+
+
+def _check_out_outside_data(out_dir: Path, data: str) -> None:
+    """A run never writes into its data: preview grids in an image folder would become
+    training images on resume."""
+    if data == "digits":
+        return
+    source = Path(data).expanduser().resolve()
+    out = out_dir.expanduser().resolve()
+    if out == source or (source.is_dir() and source in out.parents):
+        raise click.BadParameter(f"{out_dir} is inside the --data {data}: the checkpoint, log "
+                                 "and sample grids would be written into the training data; "
+                                 "choose an --out outside it", param_hint="--out")
 
 
 def _check_resume_options(*, ctx_preset: str, model_config: ModelConfig,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from runtime.cpus import cpu_count
-from runtime.fileio import OutputError, describe_os_error, remove_stale_temporaries, write_text
+from runtime.fileio import OutputError, describe_os_error, remove_stale_temporaries, write_bytes
 
 from .bridge import schedule_tensors
 from .checkpoint import make_checkpoint, nonfinite_tensor, save_checkpoint
@@ -61,6 +62,20 @@ def derive_seed(*parts: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def epoch_steps(dataset: Dataset, batch_size: int, world_size: int, *,
+                resuming: bool = False) -> int:
+    """Steps per epoch: whole batches of each process's shard (DatasetError when none fits)."""
+    local = max(batch_size // world_size, 1)
+    steps = len(dataset) // world_size // local
+    if steps == 0:
+        fix = ("a resumed run keeps its batch size: restore the data it was trained on, or "
+               "start a new run (another --out) with a lower --batch-size" if resuming
+               else "lower --batch-size")
+        raise DatasetError(f"{dataset.spec}: {len(dataset)} images cannot fill a batch of "
+                           f"{local} per process; {fix}")
+    return steps
+
+
 class Trainer:
     """One process's share of a run. Build, optionally ``load_state``, then ``fit``."""
 
@@ -82,11 +97,7 @@ class Trainer:
         self.schedule = train_config.schedule()
         self.st = schedule_tensors(self.schedule, self.device)
         self.local_batch = train_config.batch_size // info.world_size
-        shard = len(dataset) // info.world_size
-        self.steps_per_epoch = shard // self.local_batch
-        if self.steps_per_epoch == 0:
-            raise DatasetError(f"{dataset.spec}: {len(dataset)} images cannot fill a batch of "
-                               f"{self.local_batch} per process; lower --batch-size")
+        self.steps_per_epoch = epoch_steps(dataset, train_config.batch_size, info.world_size)
 
         torch.manual_seed(train_config.seed)  # the same initial weights on every rank
         self.model = UNet(model_config).to(self.device)
@@ -348,19 +359,47 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                          np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
 
 
-def _logged_step(line: str) -> float:
-    """The step of a log line; a line cut short by a crash counts as after any checkpoint."""
+def _logged_step(line: bytes) -> int | None:
+    """The step of a log record, or None for a line that is not one."""
     try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop records the interrupted session wrote after its last checkpoint."""
-    if not path.exists():
+    """On resume, drop records the interrupted session wrote after its last checkpoint.
+
+    A last line cut short by a crash (no newline) is dropped with them. Lines that are not
+    records (edited, damaged) neither block the resume nor get lost: the file is copied
+    aside whole, with a one-line warning, and the records up to ``step`` are kept.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if _logged_step(line) <= step]
-    if len(kept) != len(lines):
-        write_text(path, "".join(line + "\n" for line in kept))
+    except OSError as err:
+        raise OutputError(describe_os_error(err, path)) from None
+    lines = data.split(b"\n")
+    lines.pop()  # empty when the file ends with a newline, else a line cut short
+    kept, bad = [], []
+    for number, line in enumerate(lines, 1):
+        logged = _logged_step(line)
+        if logged is None and line.strip():
+            bad.append(number)
+        elif logged is not None and logged <= step:
+            kept.append(line)
+    if bad:
+        aside = path.with_name(path.name + ".corrupt")
+        for n in range(1, 1000):
+            if not aside.exists():
+                break
+            aside = path.with_name(f"{path.name}.corrupt.{n}")
+        write_bytes(aside, data)
+        print(f"warning: {path}: {len(bad)} line(s) are not log records (first: line "
+              f"{bad[0]}); kept the records up to step {step}, the whole file is in {aside}",
+              file=sys.stderr)
+    if len(kept) != len(lines) or (data and not data.endswith(b"\n")):
+        write_bytes(path, b"".join(line + b"\n" for line in kept))

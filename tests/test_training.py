@@ -157,6 +157,21 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(digits, tmp_pat
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
 
+@pytest.mark.parametrize("bad", [b'{"step": "x"}', b'{"step": null}', b"\xff", b"[1, 2]"])
+def test_malformed_log_lines_neither_block_a_resume_nor_get_lost(digits, tmp_path, capsys, bad):
+    train(TINY, TINY_TRAIN.replace(steps=2), digits, tmp_path, device="cpu", progress=False)
+    log = tmp_path / "log.jsonl"
+    before = log.read_bytes() + bad + b"\n" + b'{"step": 1, "loss": 7.0}\n{"step": 3, "lo'
+    log.write_bytes(before)
+    train(TINY, TINY_TRAIN.replace(steps=3), digits, tmp_path, device="cpu", progress=False,
+          resume_from=load_checkpoint(tmp_path / "ckpt.pt"))
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "log.jsonl" in warning[0] and "log.jsonl.corrupt" in warning[0]
+    assert (tmp_path / "log.jsonl.corrupt").read_bytes() == before
+    # The good records up to the checkpoint stay, in order; the resumed session appends.
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 1, 3]
+
+
 def test_an_interrupted_cosine_run_resumes_exactly(digits, tmp_path, monkeypatch):
     # The decay depends on the run's length, so this run is cut short by an interrupt
     # after its step-3 checkpoint, as Ctrl-C cuts `make demo`, not by a shorter --steps.
@@ -327,6 +342,37 @@ def test_cli_trains_resumes_and_protects_a_run(tmp_path):
     assert result.exit_code == 0, result.output
     assert [r["step"] for r in _records(out)] == [2, 3]
     assert set(_records(out)[0]) >= {"step", "loss", "lr", "grad_norm", "steps_per_s"}
+
+
+def test_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "ok.npz"
+    data.parent.mkdir()
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 8, 8), np.uint8))
+    (tmp_path / "other").mkdir()
+    np.savez(tmp_path / "other" / "ok.npz", images=np.zeros((16, 8, 8), np.uint8))
+    out = tmp_path / "run"
+    quick = ["--out", str(out), "--sample-every", "0", "--save-every", "0", "--no-progress"]
+    monkeypatch.chdir(tmp_path)
+    result = _cli([*quick, "--data", "data/ok.npz", "--batch-size", "8", "--steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "ckpt.pt")["data"]["spec"] == str(data.resolve())
+    monkeypatch.chdir("/")
+    result = _cli([*quick, "--resume", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    result = _cli([*quick, "--resume", "--steps", "3", "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    # A checkpoint of an older version recorded the path as typed, relative to its folder.
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["data"]["spec"] = "data/ok.npz"
+    torch.save(ckpt, out / "ckpt.pt")
+    result = _cli([*quick, "--resume", "--steps", "4"])
+    assert result.exit_code == 1 and "--data" in result.output and "data/ok.npz" in result.output
+    result = _cli([*quick, "--resume", "--steps", "4", "--data", str(tmp_path / "other/ok.npz")])
+    assert result.exit_code == 2 and "--data" in result.output
+    result = _cli([*quick, "--resume", "--steps", "4", "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "ckpt.pt")["data"]["spec"] == str(data.resolve())
+    assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
 
 
 def test_train_py_runs_as_a_file_from_the_repository_root():

@@ -186,7 +186,7 @@ def _check_out_outside_data(out_dir: Path, data: str) -> None:
     source = Path(data).expanduser().resolve()
     out = out_dir.expanduser().resolve()
     if out == source or (source.is_dir() and source in out.parents):
-        raise click.BadParameter(f"{out_dir} is inside the --data {data}: the checkpoint, log "
+        raise click.BadParameter(f"{out_dir} is or lies inside --data {data}: the checkpoint, log "
                                  "and sample grids would be written into the training data; "
                                  "choose an --out outside it", param_hint="--out")
 

@@ -131,16 +131,19 @@ def test_checkpoint_round_trip(digits, tmp_path):
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(digits, tmp_path):
-    whole = train(TINY, TINY_TRAIN, digits, tmp_path / "whole", device="cpu", progress=False)
+    # One thread in every part: the automatic count follows how busy the machine is, and
+    # results depend on the count in the last bits.
+    whole = train(TINY, TINY_TRAIN, digits, tmp_path / "whole", device="cpu", progress=False,
+                  threads=1)
     # The same run, stopped after 3 steps and continued from its checkpoint in a new call.
     train(TINY, TINY_TRAIN.replace(steps=3), digits, tmp_path / "split", device="cpu",
-          progress=False)
+          progress=False, threads=1)
     # What a crash after the checkpoint leaves: a record past it and a line cut short.
     with open(tmp_path / "split" / "log.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
     torch.manual_seed(12345)  # a different global RNG state must not matter
     resumed = train(TINY, TINY_TRAIN, digits, tmp_path / "split", device="cpu", progress=False,
-                    resume_from=load_checkpoint(tmp_path / "split" / "ckpt.pt"))
+                    threads=1, resume_from=load_checkpoint(tmp_path / "split" / "ckpt.pt"))
     assert resumed.step == whole.step == 6
     for part in ("model", "ema"):
         a, b = whole.state_dict()[part], resumed.state_dict()[part]
@@ -176,7 +179,8 @@ def test_an_interrupted_cosine_run_resumes_exactly(digits, tmp_path, monkeypatch
     # The decay depends on the run's length, so this run is cut short by an interrupt
     # after its step-3 checkpoint, as Ctrl-C cuts `make demo`, not by a shorter --steps.
     cfg = TINY_TRAIN.replace(lr_decay="cosine", warmup=2, save_every=3)
-    whole = train(TINY, cfg, digits, tmp_path / "whole", device="cpu", progress=False)
+    whole = train(TINY, cfg, digits, tmp_path / "whole", device="cpu", progress=False,
+                  threads=1)  # one thread in every part, as above
     real_step = Trainer.train_step
 
     def interrupted(self, net):
@@ -186,12 +190,12 @@ def test_an_interrupted_cosine_run_resumes_exactly(digits, tmp_path, monkeypatch
 
     monkeypatch.setattr(Trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(TINY, cfg, digits, tmp_path / "cut", device="cpu", progress=False)
+        train(TINY, cfg, digits, tmp_path / "cut", device="cpu", progress=False, threads=1)
     monkeypatch.setattr(Trainer, "train_step", real_step)
     ckpt = load_checkpoint(tmp_path / "cut" / "ckpt.pt")
     assert ckpt["step"] == 3
     resumed = train(TINY, cfg, digits, tmp_path / "cut", device="cpu", progress=False,
-                    resume_from=ckpt)
+                    threads=1, resume_from=ckpt)
     for part in ("model", "ema"):
         a, b = whole.state_dict()[part], resumed.state_dict()[part]
         assert all(torch.equal(a[k], b[k]) for k in a), part

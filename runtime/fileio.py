@@ -12,6 +12,10 @@ sidecars, reports) goes through :func:`check_output` before the work starts and
    ``with`` block ends without an error. Any failure, Ctrl-C included, removes the
    temporary; the previous file under the target name is untouched. Temporaries that a
    killed run left behind (their process is gone) are removed the next time.
+3. ``atomic_outputs`` does the same for all the outputs of one command as a set: every
+   temporary is written and fsynced first, and only then are they renamed into place, so
+   a command that fails (a full disk on its last file) leaves every old file as it was.
+   ``atomic_output`` is a set of one.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+# A temporary's name keeps only this many characters of the target's: any name the OS
+# takes for the target (255 bytes) leaves room for ".<pid>.<random>.tmp".
+TMP_NAME_CHARS = 32
+_TMP_NAME = re.compile(r"\.(?P<stem>.*)\.(?P<pid>[0-9]+)\.[^.]+" + re.escape(TMP_SUFFIX))
 
 
 class OutputError(ValueError):
@@ -54,6 +63,12 @@ def check_output(path, *, inputs: Iterable = (), option: str = "output") -> Path
     if path.is_dir():
         raise OutputError(f"{option} {path} is a folder; give a file name inside it")
     parent = path.parent
+    for folder in [parent, *parent.parents]:
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise OutputError(f"{option} {path}: {folder} is a file, not a folder; "
+                                  "choose another output path")
+            break
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -87,33 +102,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path) -> list[Path]:
-    """Delete temporaries of ``path`` written by processes that no longer run."""
-    path = Path(path)
+def remove_stale_temporaries(*paths) -> list[Path]:
+    """Delete temporaries of ``paths`` written by processes that no longer run.
+
+    One listing per folder, however many targets it holds (``--each`` writes thousands).
+    """
+    stems: dict[Path, set[str]] = {}
+    for path in map(Path, paths):
+        stems.setdefault(path.parent, set()).add(path.name[:TMP_NAME_CHARS])
     removed = []
-    prefix = f".{path.name}."
-    try:
-        candidates = list(path.parent.glob(f"{glob_escape(prefix)}*{TMP_SUFFIX}"))
-    except OSError:
-        return removed
-    for tmp in candidates:
-        middle = tmp.name[len(prefix):-len(TMP_SUFFIX)]
-        pid_text = middle.split(".", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-                removed.append(tmp)
+    for folder, names in stems.items():
+        try:
+            entries = [entry.name for entry in os.scandir(folder)]
+        except OSError:
+            continue
+        for name in entries:
+            match = _TMP_NAME.fullmatch(name)
+            if match and match["stem"] in names and not _pid_alive(int(match["pid"])):
+                with contextlib.suppress(OSError):
+                    (folder / name).unlink()
+                    removed.append(folder / name)
     return removed
 
 
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
-
-
 def temporary_path(path) -> Path:
-    """A fresh name beside ``path``: ``.<name>.<pid>.<random>.tmp`` (pid: stale-file cleanup)."""
+    """A fresh name beside ``path``: ``.<name, cut short>.<pid>.<random>.tmp``.
+
+    The pid lets a later run remove what a killed one left; the name is cut so that the
+    temporary of the longest name the OS accepts is still a legal name.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    return path.with_name(f".{path.name[:TMP_NAME_CHARS]}.{os.getpid()}."
+                          f"{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
 
 def _fsync_file(path: Path) -> None:
@@ -146,33 +166,87 @@ def describe_os_error(err: OSError, path) -> str:
     return f"{path}: cannot write ({err.strerror or err}); choose another output path"
 
 
+class OutputSet:
+    """The outputs of one command, written to temporaries and renamed into place together.
+
+    Made by :func:`atomic_outputs`; ``add(path)`` returns the temporary to write.
+    """
+
+    def __init__(self):
+        self._pending: dict[Path, Path] = {}   # temporary -> target
+
+    def add(self, path) -> Path:
+        path = Path(path)
+        if path in self._pending.values():
+            raise OutputError(f"{path} is written twice by this command; "
+                              "give each output its own name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(path)
+        self._pending[tmp] = path
+        return tmp
+
+    def write_bytes(self, path, data) -> Path:
+        with open(self.add(path), "xb") as f:
+            f.write(data)
+        return Path(path)
+
+    def _commit(self) -> None:
+        for tmp, path in self._pending.items():
+            if not tmp.exists():
+                raise OutputError(f"{path}: the writer produced no file")
+            _fsync_file(tmp)
+        # Everything is on disk: only now is any old file replaced.
+        for tmp, path in self._pending.items():
+            os.replace(tmp, path)
+        for folder in {path.parent for path in self._pending.values()}:
+            _fsync_dir(folder)
+
+    def _discard(self) -> None:
+        for tmp in self._pending:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _target_of(self, err: OSError) -> Path | None:
+        for name in (err.filename, err.filename2):
+            if name is not None and Path(name) in self._pending:
+                return self._pending[Path(name)]
+        return next(reversed(self._pending.values()), None)
+
+
+@contextlib.contextmanager
+def atomic_outputs() -> Iterator[OutputSet]:
+    """``with atomic_outputs() as outs:`` write ``outs.add(p)`` for every output ``p``.
+
+    When the block ends without an error every temporary is fsynced and then all are
+    renamed over their targets; on any exception all temporaries are removed and no target
+    is touched (an OSError, a full disk say, becomes OutputError naming its file).
+    Temporaries of the same targets that killed runs left behind are removed too.
+    """
+    outputs = OutputSet()
+    try:
+        yield outputs
+        outputs._commit()
+    except OSError as err:
+        outputs._discard()
+        target = outputs._target_of(err)
+        raise OutputError(describe_os_error(err, target if target is not None else
+                                            err.filename)) from err
+    except BaseException:
+        outputs._discard()
+        raise
+    finally:
+        remove_stale_temporaries(*outputs._pending.values())
+
+
 @contextlib.contextmanager
 def atomic_output(path) -> Iterator[Path]:
     """``with atomic_output(p) as tmp:`` write ``tmp`` completely; it becomes ``p`` on success.
 
-    The temporary is fsynced, renamed over ``p`` and the folder fsynced, so a crash at any
-    moment leaves either the old file or the new one. On any exception the temporary is
-    removed and ``p`` is untouched; an OSError (a full disk, say) becomes OutputError.
+    A set of one (:func:`atomic_outputs`): the temporary is fsynced, renamed over ``p`` and
+    the folder fsynced, so a crash at any moment leaves either the old file or the new one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = temporary_path(path)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise OutputError(f"{path}: the writer produced no file")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OutputError(describe_os_error(err, path)) from err
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    with atomic_outputs() as outputs:
+        yield outputs.add(path)
 
 
 def write_bytes(path, data) -> Path:

@@ -11,6 +11,7 @@ import pytest
 from runtime.fileio import (
     OutputError,
     atomic_output,
+    atomic_outputs,
     check_output,
     remove_stale_temporaries,
     temporary_path,
@@ -49,8 +50,9 @@ def test_check_output_refuses_inputs_folders_and_unwritable_places(tmp_path):
         check_output(tmp_path, option="-o")
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
-    with pytest.raises(OutputError, match="cannot create folder"):
-        check_output(blocker / "x.png", option="-o")
+    for under_a_file in (blocker / "x.png", blocker / "sub" / "x.png"):
+        with pytest.raises(OutputError, match=f"{blocker} is a file, not a folder"):
+            check_output(under_a_file, option="-o")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -73,3 +75,37 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     other.write_bytes(b"")
     assert remove_stale_temporaries(target) == [stale]
     assert mine.exists() and other.exists() and not stale.exists()
+
+
+def test_the_longest_legal_name_can_be_written(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    for name in ("d" * (limit - 4) + ".png", "é" * ((limit - 4) // 2) + ".png"):
+        target = tmp_path / name
+        check_output(target, option="-o")
+        write_bytes(target, b"grid")
+        assert target.read_bytes() == b"grid"
+        assert len(os.fsencode(temporary_path(target).name)) <= limit
+    assert len(list(tmp_path.iterdir())) == 2  # no temporary left
+
+
+def test_a_set_of_outputs_is_replaced_all_or_nothing(tmp_path):
+    targets = [tmp_path / "grid.png", tmp_path / "each" / "00000.png", tmp_path / "a.npz"]
+    for path in targets:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_outputs() as outputs:
+        for path in targets[:-1]:
+            outputs.write_bytes(path, b"new")
+        outputs.add(targets[-1])
+        raise RuntimeError("the last writer failed")
+    assert [p.read_bytes() for p in targets] == [b"old"] * 3
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(OutputError, match="written twice"), atomic_outputs() as outputs:
+        outputs.write_bytes(targets[0], b"new")
+        outputs.write_bytes(targets[0], b"newer")
+    assert targets[0].read_bytes() == b"old"
+    with atomic_outputs() as outputs:
+        for path in targets:
+            outputs.write_bytes(path, b"new")
+    assert [p.read_bytes() for p in targets] == [b"new"] * 3
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from . import backends
 from .bulk import DEFAULT_SHARD_SIZE
 from .clierrors import finite_float, guarded_group
 from .errors import MAX_THREADS
-from .fileio import atomic_output, check_output
+from .fileio import atomic_outputs, check_output, same_file
 from .raycluster import RayClusterError
 from .samplers import SAMPLERS
 from .schedule import SPACINGS, VARIANCES
@@ -93,11 +94,11 @@ def _sampling_options(fn):
 def sample_cmd(model, n, seed, sampler, steps, spacing, variance, eta, batch_size, out, npz,
                each, progress, backend, device, threads):
     """Sample N images from MODEL (.onnx or .plan) and write a PNG grid."""
-    from .images import PNG_CHANNELS, make_grid, save_png
+    from .images import PNG_CHANNELS, make_grid, png_bytes
     from .pipeline import load
 
     with load(model, backend=backend, device=device, threads=threads) as pipe:
-        each_png = _check_outputs(out, npz, each, inputs=[model])
+        each_png = _check_outputs(out, npz, each, n, inputs=[model])
         if pipe.image_shape[0] not in PNG_CHANNELS:
             raise click.UsageError(f"{model}: images of {pipe.image_shape[0]} channels cannot "
                                    "be written as PNG; sample them with the Python API")
@@ -108,26 +109,26 @@ def sample_cmd(model, n, seed, sampler, steps, spacing, variance, eta, batch_siz
                              progress=progress)
         seconds = time.perf_counter() - start
         backend_name = pipe.backend_name
-    save_png(make_grid(images), out)
-    if npz is not None:
-        with atomic_output(npz) as tmp, open(tmp, "xb") as f:
-            np.savez_compressed(f, images=images, seed=seed)
-    for k, image in enumerate(images if each is not None else ()):
-        save_png(image, each_png(k))
+    # One set: a failure on the last file (a full disk) leaves every old file as it was.
+    with atomic_outputs() as outputs:
+        outputs.write_bytes(out, png_bytes(make_grid(images)))
+        if npz is not None:
+            with open(outputs.add(npz), "xb") as f:
+                np.savez_compressed(f, images=images, seed=seed)
+        for k, image in enumerate(images if each is not None else ()):
+            outputs.write_bytes(each_png(k), png_bytes(image))
     click.echo(f"{n} images, {sampler} {steps_run} steps, {seconds:.1f} s, "
                f"{n / seconds:.2f} images/s, {backend_name} -> {out}")
 
 
-def _check_outputs(out: Path, npz: Path | None, each: Path | None, inputs: list[Path]):
+def _check_outputs(out: Path, npz: Path | None, each: Path | None, n: int,
+                   inputs: list[Path]):
     """Refuse bad destinations before sampling; returns k -> the path of --each's k-th PNG."""
-    if out.suffix.lower() != ".png":
-        raise click.BadParameter(f"{out} must end in .png (the grid is written as PNG)",
-                                 param_hint="-o/--out")
+    _check_suffix(out, ".png", "-o/--out", "the grid is written as PNG")
     check_output(out, inputs=inputs, option="-o/--out")
     if npz is not None:
         # numpy would quietly append .npz to any other name; ask for the name it will have.
-        if npz.suffix.lower() != ".npz":
-            raise click.BadParameter(f"{npz} must end in .npz", param_hint="--npz")
+        _check_suffix(npz, ".npz", "--npz", "numpy would add it")
         check_output(npz, inputs=[*inputs, out], option="--npz")
 
     def each_png(k: int) -> Path:
@@ -138,7 +139,45 @@ def _check_outputs(out: Path, npz: Path | None, each: Path | None, inputs: list[
             raise click.BadParameter(f"{each} is a file, not a folder", param_hint="--each")
         others = [*inputs, out] + ([npz] if npz is not None else [])
         check_output(each_png(0), inputs=others, option="--each")
+        clash = _each_clash(each, n, others, each_png)
+        if clash is not None:
+            raise click.BadParameter(
+                f"{each_png(clash[0])} (image {clash[0]} of {n}) would replace {clash[1]}, "
+                "which this command also reads or writes; choose another folder",
+                param_hint="--each")
     return each_png
+
+
+def _check_suffix(path: Path, suffix: str, option: str, why: str) -> None:
+    if path.name.lower() == suffix:
+        raise click.BadParameter(f"{path} has no name before {suffix}; give a file name "
+                                 f"like samples{suffix}", param_hint=option)
+    if path.suffix.lower() != suffix:
+        raise click.BadParameter(f"{path} must end in {suffix} ({why})", param_hint=option)
+
+
+def _each_clash(each: Path, n: int, others: list[Path], each_png) -> tuple[int, Path] | None:
+    """The first --each PNG (k < n) that is one of ``others``, by name or by link."""
+    def index(name: str) -> int | None:
+        stem = name[:-len(".png")] if name.endswith(".png") else ""
+        k = int(stem) if stem.isdigit() else -1
+        return k if 0 <= k < n and each_png(k).name == name else None
+
+    folder = each.resolve()
+    for other in others:  # an output that does not exist yet: by its name
+        other = Path(other).resolve()
+        k = index(other.name) if other.parent == folder else None
+        if k is not None:
+            return k, other
+    try:  # a file already there may be a link to an input
+        names = [entry.name for entry in os.scandir(each)]
+    except OSError:
+        return None
+    for k in sorted(k for k in map(index, names) if k is not None):
+        for other in others:
+            if same_file(each_png(k), Path(other)):
+                return k, Path(other)
+    return None
 
 
 @main.command("bulk")

@@ -39,7 +39,7 @@ class OutputError(ValueError):
     """An output file cannot be written where asked (one-line message naming it)."""
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
     except OSError:
@@ -57,7 +57,7 @@ def check_output(path, *, inputs: Iterable = (), option: str = "output") -> Path
     if str(path) in ("", "."):
         raise OutputError(f"{option}: empty output path; give a file name")
     for source in inputs:
-        if source is not None and _same_file(path, Path(source)):
+        if source is not None and same_file(path, Path(source)):
             raise OutputError(f"{option} {path} is also an input of this command; "
                               "choose another output path")
     if path.is_dir():

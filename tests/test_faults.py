@@ -122,3 +122,22 @@ def test_kill_9_during_saves_leaves_a_whole_checkpoint(run, trained_run, tmp_pat
     save_checkpoint(dst, ckpt)
     assert temporaries(tmp_path) == []
     assert torch.load(dst, weights_only=True)["step"] == -1
+
+
+def test_a_sample_that_fills_the_disk_replaces_none_of_its_outputs(small_disk, tiny_onnx):
+    """The grid, the npz and the --each PNGs are one set: all new, or all as they were."""
+    each = small_disk / "each"
+    each.mkdir()
+    for path in (small_disk / "keep.png", small_disk / "a.npz", each / "00000.png"):
+        path.write_bytes(b"an earlier output")
+    fill(small_disk, leave=64 * 1024)  # room for the grid and the npz, not for 100 PNGs
+    before = {k: v for k, v in snapshot(small_disk).items() if k != "filler"}
+    cmd = ["-m", "runtime", "sample", tiny_onnx, "-n", "100", "--steps", "2", "--no-progress",
+           "-o", small_disk / "keep.png", "--npz", small_disk / "a.npz", "--each", each]
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    check_refused(cmd, each, proc.returncode, proc.stderr)
+    assert "no space left" in proc.stderr
+    after = {k: v for k, v in snapshot(small_disk).items() if k != "filler"}
+    assert after == before
+    assert temporaries(small_disk) == []

@@ -170,7 +170,23 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
                                    json.dumps(record).encode().replace(b'"ema"', b'"\xe9ma"'))
     sidecar_schedule = engine_with_sidecar(tmp_path, "sched", {**record, "schedule": "linear"})
     quick = ["--steps", "2", "-n", "2", "--no-progress"]
+    # --each must not write over the model or the other outputs, at any index below -n.
+    (tmp_path / "each1").mkdir()
+    model_in_each = tmp_path / "each1" / "00001.png"
+    model_in_each.write_bytes(tiny_onnx.read_bytes())
+    (tmp_path / "each2").mkdir()
+    (tmp_path / "each2" / "00002.png").hardlink_to(model)
     cases = [
+        (["sample", model_in_each, "--each", tmp_path / "each1", "--backend", "ort",
+          "-o", tmp_path / "g.png", *quick], "would replace"),
+        (["sample", model, "--each", tmp_path / "each2", "-o", tmp_path / "g.png",
+          "--steps", "2", "-n", "3", "--no-progress"], "would replace"),
+        (["sample", model, "--each", tmp_path / "each3", "-o", tmp_path / "each3" / "00003.png",
+          "--steps", "2", "-n", "4", "--no-progress"], "00003.png (image 3 of 4)"),
+        (["sample", model, "--each", tmp_path / "each3", "--npz", tmp_path / "each3" / "a.npz",
+          "-o", tmp_path / "each3" / "00000.png", *quick], "--each"),
+        (["sample", model, "-o", tmp_path / ".png", *quick], "no name before .png"),
+        (["sample", model, "--npz", tmp_path / ".NPZ", *quick], "no name before .npz"),
         (["sample", model_png, "--backend", "ort", "-o", model_png, *quick], "also an input"),
         (["sample", model, "-o", tmp_path / "s.jpg", *quick], "-o/--out"),
         (["sample", model, "-o", "/proc/no/s.png", *quick], "-o/--out"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,26 @@ MANIFEST = "manifest.json"
 FORMAT = "ddpm-bulk"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 256
+# The manifest lists every shard and a rerun opens every shard file: keep both small.
+MAX_SHARDS = 100_000
+# What reading a damaged or foreign shard file can raise (np.load, zipfile, zlib, npy);
+# RuntimeError: zipfile's "encrypted" and NotImplementedError's "unknown compression".
+_UNREADABLE = (OSError, KeyError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile,
+               zlib.error)
 
 
 class JobMismatchError(ValueError):
     """The output folder holds another job (other model or options): refuse to mix them."""
+
+
+def check_job_size(n: int, shard_size: int) -> int:
+    """The number of shards of ``n`` images, or ValueError when there would be too many."""
+    shards = -(-n // shard_size)
+    if shards > MAX_SHARDS:
+        raise ValueError(f"-n {n} in shards of --shard-size {shard_size} makes {shards} "
+                         f"shards, more than {MAX_SHARDS}; use --shard-size "
+                         f"{-(-n // MAX_SHARDS)} or more, or fewer images")
+    return shards
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class BulkJob:
         # Everything that decides the pixels, and nothing that does not (threads, workers).
         self.options = {"n": int(n), "seed": int(seed), "shard_size": int(shard_size),
                         **sample_options}
+        check_job_size(n, shard_size)
         self.shards = [Shard(i, first, min(shard_size, n - first))
                        for i, first in enumerate(range(0, n, shard_size))]
         key = json.dumps({"model_sha256": model_sha256, "options": self.options},
@@ -104,10 +122,15 @@ class BulkJob:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise JobMismatchError(f"{self.manifest_path} is not a bulk sampling manifest; "
                                    "choose another --out")
+        if (not isinstance(data.get("options"), dict)
+                or not isinstance(data.get("model_sha256"), str)):
+            raise JobMismatchError(f"{self.manifest_path}: damaged manifest ('options' must "
+                                   "be an object, 'model_sha256' a string); remove the folder "
+                                   "or choose another --out")
         return data
 
     def _check_manifest(self, data: dict) -> None:
-        theirs = dict(data.get("options") or {}, model_sha256=data.get("model_sha256"))
+        theirs = dict(data["options"], model_sha256=data["model_sha256"])
         ours = dict(self.options, model_sha256=self.model_sha256)
         diffs = [f"{key} {theirs.get(key)!r} != {ours.get(key)!r}"
                  for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
@@ -124,8 +147,8 @@ class BulkJob:
                         and data["images"].shape == (shard.count, *self.image_shape)
                         and data["images"].dtype == np.uint8
                         and np.array_equal(data["indices"], shard.indices))
-        except (OSError, KeyError, ValueError, EOFError):
-            return False  # missing, truncated or foreign: draw it again
+        except _UNREADABLE:
+            return False  # missing, truncated, damaged or foreign: draw it again
 
     def missing(self) -> list[Shard]:
         return [s for s in self.shards if not self.is_done(s)]

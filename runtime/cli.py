@@ -201,12 +201,13 @@ def bulk_cmd(model, n, seed, sampler, steps, spacing, variance, eta, out, shard_
     `sample --npz` with the same options, whatever the number of workers. --threads is
     per worker (default 1).
     """
-    from .bulk import BulkJob
+    from .bulk import BulkJob, check_job_size
     from .metadata import sha256_file
     from .pipeline import load
     from .ray_bulk import run
     from .raycluster import import_ray
 
+    check_job_size(n, shard_size)
     threads = threads or 1
     load_kwargs = {"backend": backend, "device": device}
     import_ray()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import json
 import shutil
 import socket
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.bulk import MANIFEST, read_images
+from runtime.bulk import MANIFEST, BulkJob, read_images
 from runtime.metadata import sha256_file
 from tools.loadtest import ServerProcess
 
@@ -112,7 +113,8 @@ def test_rerun_writes_only_missing_or_broken_shards(tiny_onnx, ray_address, refe
     kept = out / "shard-00002.npz"
     stamp = (kept.stat().st_ino, kept.stat().st_mtime_ns)
     (out / "shard-00000.npz").unlink()
-    (out / "shard-00001.npz").write_bytes(b"half a shard")   # as if copied in part
+    broken = out / "shard-00001.npz"
+    broken.write_bytes(broken.read_bytes()[:100])   # as if copied in part
     proc = bulk(tiny_onnx, out, ray_address)
     assert "2 of 3 shards written" in proc.stdout
     assert (kept.stat().st_ino, kept.stat().st_mtime_ns) == stamp   # not rewritten
@@ -120,6 +122,42 @@ def test_rerun_writes_only_missing_or_broken_shards(tiny_onnx, ray_address, refe
     assert not list(out.glob(".*.tmp"))
     # A finished job is recognised without starting any worker.
     assert "nothing to do" in bulk(tiny_onnx, out, ray_address).stdout
+
+
+def test_any_damaged_shard_counts_as_missing(tmp_path):
+    """No Ray needed: what a rerun decides about each shard file it finds."""
+    job = BulkJob(tmp_path, model_sha256="0" * 64, image_shape=(1, 4, 4), n=2, seed=0,
+                  shard_size=2, sample_options={"steps": 2})
+    shard = job.shards[0]
+    images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 1), dtype=np.uint8)
+    whole = job.write_shard(shard, images).read_bytes()
+    assert job.is_done(shard)
+    for data in [whole[:k] for k in range(0, len(whole), 7)] + [b"half a shard"]:
+        (tmp_path / shard.name).write_bytes(data)
+        assert not job.is_done(shard), len(data)
+    for k, flip in itertools.product(range(len(whole)), (0xFF, 0x01)):  # headers, data, CRCs
+        (tmp_path / shard.name).write_bytes(whole[:k] + bytes([whole[k] ^ flip]) + whole[k + 1:])
+        if job.is_done(shard):  # a byte nobody reads (a date, say): the images are whole
+            with np.load(tmp_path / shard.name) as data:
+                np.testing.assert_array_equal(data["images"], images)
+
+
+@needs_ray
+def test_bad_sizes_and_damaged_manifests_are_one_line(tiny_onnx, tmp_path):
+    from tests.test_hostile import run_table
+
+    options = ["-n", "6", "--shard-size", "2", "--steps", "2", "--no-progress"]
+    cases = [(["bulk", tiny_onnx, "-n", 10**10, "--shard-size", "1", "--out",
+               tmp_path / "huge"], "--shard-size 100000")]
+    for name, edit in {"list": {"options": [["n", 6]]}, "none": {"options": None},
+                       "sha": {"model_sha256": 7}}.items():
+        out = tmp_path / name
+        out.mkdir()
+        manifest = {"format": "ddpm-bulk", "format_version": 1, "options": {"n": 6},
+                    "model_sha256": "0" * 64, **edit}
+        (out / MANIFEST).write_text(json.dumps(manifest))
+        cases.append((["bulk", tiny_onnx, *options, "--out", out], str(out / MANIFEST)))
+    run_table("runtime.cli:main", cases, tmp_path)
 
 
 @needs_ray

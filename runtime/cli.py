@@ -40,6 +40,9 @@ def _backend_options(fn, threads_help="CPU threads for ONNX Runtime (default: al
     return fn
 
 
+# The server allocates its batch buffers at start: rows beyond this are memory, not speed.
+MAX_SERVE_BATCH = 4096
+
 _ray_address_option = click.option(
     "--ray-address", default="local", show_default=True, envvar="RAY_ADDRESS",
     help="'local' (start Ray here), 'auto' (this machine's `ray start`), or host:port of a "
@@ -264,14 +267,15 @@ def info_cmd(model, backend, device, threads):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="0 picks a free port (printed)")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="images in flight: rows of one network call")
+@click.option("--max-batch", type=click.IntRange(1, MAX_SERVE_BATCH), default=64,
+              show_default=True, help="images in flight: rows of one network call (its "
+              "buffers are allocated at start)")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="requests waiting for rows; more are refused with 429")
 @click.option("--max-n", type=click.IntRange(min=1), default=64, show_default=True,
               help="images per request")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
-              help="steps per request (default: the model's T)")
+              help="steps per request, at most the model's T (default: T)")
 @click.option("--batching/--no-batching", default=True, show_default=True,
               help="step-level batching across requests, or one request at a time")
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -302,11 +306,21 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
         return
     try:
         with load(model, backend=backend, device=device, threads=threads) as pipe:
+            _check_max_steps(max_steps, pipe)
             serve(pipe, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                   max_n=max_n, max_steps=max_steps, batching=batching, grace=grace,
                   log=lambda line: click.echo(line))
     except OSError as err:  # the address is taken or not ours
         raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror}") from None
+
+
+def _check_max_steps(max_steps: int | None, pipe) -> None:
+    """/v1/model reports --max-steps: refuse one above what any request can get (T)."""
+    steps = pipe.record.num_timesteps
+    if max_steps is not None and max_steps > steps:
+        raise click.BadParameter(f"{max_steps} is more than the {steps} steps of "
+                                 f"{pipe.source}; give at most {steps}",
+                                 param_hint="--max-steps")
 
 
 def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
@@ -316,8 +330,9 @@ def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
     from .raycluster import import_ray
 
     import_ray()
-    with load(model, threads=1, **load_kwargs):
-        pass  # a bad model file is one line here, not a failed replica later
+    with load(model, threads=1, **load_kwargs) as pipe:
+        # A bad model file or limit is one line here, not a failed replica later.
+        _check_max_steps(kwargs["limits"]["max_steps"], pipe)
     serve_on_ray(model, sha256=sha256_file(model), threads=threads, load_kwargs=load_kwargs,
                  log=click.echo, **kwargs)
 

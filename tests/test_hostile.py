@@ -208,6 +208,26 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
     run_table("runtime.cli:main", cases, tmp_path)
 
 
+def test_serve_refuses_limits_it_cannot_keep(tiny_onnx, tmp_path):
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{missing} not installed (pip install .[serve])")
+    steps = onnx_record(tiny_onnx)["schedule"]["num_timesteps"]
+    port = ["--port", "0"]
+    cases = [
+        # Its buffers are allocated at start: a huge batch was a numpy MemoryError.
+        (["serve", tiny_onnx, "--max-batch", 10**12, *port], "--max-batch"),
+        # /v1/model would report a limit that no request can reach.
+        (["serve", tiny_onnx, "--max-steps", steps + 1, *port], f"at most {steps}"),
+    ]
+    if importlib.util.find_spec("ray") is not None:
+        cases.append((["serve", tiny_onnx, "--ray", "--max-steps", steps + 1, *port],
+                      f"at most {steps}"))
+    run_table("runtime.cli:main", cases, tmp_path)
+
+
 def test_runtime_api_refuses_bad_calls(tiny_onnx):
     import runtime
 

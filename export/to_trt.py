@@ -52,12 +52,21 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
                                  f"{min_batch}, {opt_batch}, {max_batch}",
                                  param_hint="--opt-batch")
     out = out or source.with_name("model.plan")
+    if out.suffix.lower() == ".onnx":
+        # From a checkpoint the ONNX file is written to OUT with .onnx: the engine would
+        # replace the verified model it was built from.
+        raise click.BadParameter(f"{out}: .onnx is the ONNX model's suffix; give the engine "
+                                 f"another, e.g. {out.with_suffix('.plan')}",
+                                 param_hint="-o/--out")
     from_onnx = source.suffix == ".onnx"
     onnx_path = source if from_onnx else out.with_suffix(".onnx")
     # Every destination is checked before the (long) export and build; none may be an input.
-    inputs = [source, timing_cache]
+    inputs = [source, onnx_path, timing_cache]
     check_output(out, inputs=inputs, option="-o/--out")
     check_output(sidecar_path(out), inputs=inputs, option="-o/--out (sidecar)")
+    if timing_cache is not None:  # read, then rewritten after the build
+        check_output(timing_cache, inputs=[source, onnx_path, out, sidecar_path(out)],
+                     option="--timing-cache")
     if not from_onnx:
         run_export(source, onnx_path, raw_weights, tolerance, exporter)
 

@@ -228,8 +228,14 @@ def test_serve_refuses_limits_it_cannot_keep(tiny_onnx, tmp_path):
     run_table("runtime.cli:main", cases, tmp_path)
 
 
-def test_runtime_api_refuses_bad_calls(tiny_onnx):
+def test_runtime_api_refuses_bad_calls(tiny_onnx, tmp_path):
     import runtime
+    from runtime.errors import ModelFileError
+
+    with pytest.raises(ModelFileError, match=f"{tmp_path} is a folder, not a model file"):
+        runtime.load(tmp_path)
+    with pytest.raises(ModelFileError, match="no such model file"):
+        runtime.load(tmp_path / "none.onnx")
 
     pipe = runtime.load(tiny_onnx)
     for kwargs, match in [({"seed": None}, "seed"), ({"seed": -1}, "seed"),
@@ -367,6 +373,7 @@ def test_export_clis_refuse_bad_input(ckpt, trained_run, tiny_onnx, tmp_path):
     cases = [
         ([good, "-o", good], "-o/--out"),
         ([good, "-o", "/proc/no/model.onnx"], "-o/--out"),
+        ([good, "-o", good / "model.onnx"], f"{good} is a file, not a folder"),
         ([good, "-o", tmp_path / "x.onnx", "--tolerance", "nan"], "--tolerance"),
         # A failed verification: model.onnx stays as it was, the new file is set aside.
         ([good, "-o", deployed, "--tolerance", "1e-12"], "model.unverified.onnx"),
@@ -381,6 +388,16 @@ def test_export_clis_refuse_bad_input(ckpt, trained_run, tiny_onnx, tmp_path):
         ([random_onnx], "random.onnx"),
         ([unrelated_onnx(tmp_path / "plain.onnx")], "no 'ddpm' metadata"),
         ([deployed, "-o", deployed], "-o/--out"),
+        # From a checkpoint the ONNX file goes to OUT with .onnx: that is OUT itself.
+        ([good, "-o", tmp_path / "e.onnx"], "-o/--out"),
+        ([deployed, "-o", tmp_path / "e.ONNX"], "-o/--out"),
+        # The timing cache is written too: never over an input, and checked before the build.
+        ([deployed, "-o", tmp_path / "e.plan", "--timing-cache", deployed], "--timing-cache"),
+        ([good, "-o", tmp_path / "e.plan", "--timing-cache", good], "--timing-cache"),
+        ([good, "-o", tmp_path / "e.plan", "--timing-cache", tmp_path / "e.onnx"],
+         "--timing-cache"),
+        ([deployed, "-o", tmp_path / "e.plan", "--timing-cache", "/proc/no/cache"],
+         "--timing-cache"),
         ([variants["t0"], "-o", tmp_path / "t0.plan"], "t0.pt"),
         ([deployed, "-o", tmp_path / "e.plan", "--min-batch", "8", "--max-batch", "2"],
          "--opt-batch"),

@@ -143,6 +143,9 @@ def open_backend(path, *, backend: str = AUTO, device: str | None = None,
                  threads: int | None = None, device_id: int = 0) -> Backend:
     """Open ``path`` with the backend named, or the one its suffix maps to."""
     entry = lookup(path, backend) if backend != AUTO else None  # a bad name before a bad path
+    if Path(path).is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the .onnx or .plan "
+                             "file inside it")
     if not Path(path).is_file():
         raise ModelFileError(f"{path}: no such model file")
     entry = entry or lookup(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,16 +216,22 @@ def _cli(*args, cwd=None):
 def test_cli_sample_writes_png_npz_and_each(tiny_onnx, tmp_path):
     from PIL import Image
 
+    # The longest name the OS takes: its temporary must still be a legal name.
+    grid_path = tmp_path / ("g" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".png")
     out = _cli("sample", str(tiny_onnx), "-n", "5", "--steps", "4", "--seed", "2",
-               "-o", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "s.npz"),
+               "-o", str(grid_path), "--npz", str(tmp_path / "s.npz"),
                "--each", str(tmp_path / "each"), "--batch-size", "2")
     assert out.returncode == 0, out.stderr
     assert "5 images, ddpm 4 steps" in out.stdout and "images/s" in out.stdout
-    with Image.open(tmp_path / "grid.png") as grid:
+    with Image.open(grid_path) as grid:
         assert grid.size[0] >= 3 * 64 and grid.mode == "L"
     images = np.load(tmp_path / "s.npz")["images"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
-    assert len(list((tmp_path / "each").glob("*.png"))) == 5
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == [
+        f"{k:05d}.png" for k in range(5)]
+    for k, image in enumerate(images):
+        with Image.open(tmp_path / "each" / f"{k:05d}.png") as png:
+            np.testing.assert_array_equal(np.asarray(png), image[..., 0])
     with runtime.load(tiny_onnx) as pipe:
         np.testing.assert_array_equal(images, pipe.sample(5, 2, steps=4, progress=False))
 

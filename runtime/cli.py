@@ -142,12 +142,13 @@ def _check_outputs(out: Path, npz: Path | None, each: Path | None, n: int,
             raise click.BadParameter(f"{each} is a file, not a folder", param_hint="--each")
         others = [*inputs, out] + ([npz] if npz is not None else [])
         check_output(each_png(0), inputs=others, option="--each")
+        roles = {**{p: "an input" for p in inputs}, out: "-o/--out", npz: "--npz"}
         clash = _each_clash(each, n, others, each_png)
         if clash is not None:
+            k, other = clash
             raise click.BadParameter(
-                f"{each_png(clash[0])} (image {clash[0]} of {n}) would replace {clash[1]}, "
-                "which this command also reads or writes; choose another folder",
-                param_hint="--each")
+                f"image {k} of {n} would be written to {each_png(k)}, which is also "
+                f"{roles[other]} ({other}); choose another folder", param_hint="--each")
     return each_png
 
 
@@ -168,8 +169,8 @@ def _each_clash(each: Path, n: int, others: list[Path], each_png) -> tuple[int, 
 
     folder = each.resolve()
     for other in others:  # an output that does not exist yet: by its name
-        other = Path(other).resolve()
-        k = index(other.name) if other.parent == folder else None
+        resolved = Path(other).resolve()
+        k = index(resolved.name) if resolved.parent == folder else None
         if k is not None:
             return k, other
     try:  # a file already there may be a link to an input
@@ -179,7 +180,7 @@ def _each_clash(each: Path, n: int, others: list[Path], each_png) -> tuple[int, 
     for k in sorted(k for k in map(index, names) if k is not None):
         for other in others:
             if same_file(each_png(k), Path(other)):
-                return k, Path(other)
+                return k, other
     return None
 
 

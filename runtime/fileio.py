@@ -102,27 +102,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(*paths) -> list[Path]:
-    """Delete temporaries of ``paths`` written by processes that no longer run.
+def _dead_temporaries(folder: Path) -> dict[str, list[Path]]:
+    """Temporaries in ``folder`` whose process no longer runs, by the target's cut name."""
+    found: dict[str, list[Path]] = {}
+    try:
+        names = [entry.name for entry in os.scandir(folder)]
+    except OSError:
+        return found
+    for name in names:
+        match = _TMP_NAME.fullmatch(name)
+        if match and not _pid_alive(int(match["pid"])):
+            found.setdefault(match["stem"], []).append(folder / name)
+    return found
 
-    One listing per folder, however many targets it holds (``--each`` writes thousands).
-    """
-    stems: dict[Path, set[str]] = {}
-    for path in map(Path, paths):
-        stems.setdefault(path.parent, set()).add(path.name[:TMP_NAME_CHARS])
+
+def _remove(paths: list[Path]) -> list[Path]:
     removed = []
-    for folder, names in stems.items():
-        try:
-            entries = [entry.name for entry in os.scandir(folder)]
-        except OSError:
-            continue
-        for name in entries:
-            match = _TMP_NAME.fullmatch(name)
-            if match and match["stem"] in names and not _pid_alive(int(match["pid"])):
-                with contextlib.suppress(OSError):
-                    (folder / name).unlink()
-                    removed.append(folder / name)
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path)
     return removed
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Delete temporaries of ``path`` written by processes that no longer run."""
+    path = Path(path)
+    return _remove(_dead_temporaries(path.parent).get(path.name[:TMP_NAME_CHARS], []))
 
 
 def temporary_path(path) -> Path:
@@ -174,15 +180,23 @@ class OutputSet:
 
     def __init__(self):
         self._pending: dict[Path, Path] = {}   # temporary -> target
+        self._targets: set[Path] = set()
+        # Per folder, one listing of what killed runs left (--each writes thousands).
+        self._dead: dict[Path, dict[str, list[Path]]] = {}
 
     def add(self, path) -> Path:
         path = Path(path)
-        if path in self._pending.values():
+        if path in self._targets:
             raise OutputError(f"{path} is written twice by this command; "
                               "give each output its own name")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._dead:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dead[path.parent] = _dead_temporaries(path.parent)
+        # Before writing: on a full disk, a killed run's temporaries hold the space needed.
+        _remove(self._dead[path.parent].pop(path.name[:TMP_NAME_CHARS], []))
         tmp = temporary_path(path)
         self._pending[tmp] = path
+        self._targets.add(path)
         return tmp
 
     def write_bytes(self, path, data) -> Path:
@@ -220,7 +234,7 @@ def atomic_outputs() -> Iterator[OutputSet]:
     When the block ends without an error every temporary is fsynced and then all are
     renamed over their targets; on any exception all temporaries are removed and no target
     is touched (an OSError, a full disk say, becomes OutputError naming its file).
-    Temporaries of the same targets that killed runs left behind are removed too.
+    Temporaries of the same targets that killed runs left behind are removed first.
     """
     outputs = OutputSet()
     try:
@@ -234,8 +248,6 @@ def atomic_outputs() -> Iterator[OutputSet]:
     except BaseException:
         outputs._discard()
         raise
-    finally:
-        remove_stale_temporaries(*outputs._pending.values())
 
 
 @contextlib.contextmanager

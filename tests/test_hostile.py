@@ -178,11 +178,11 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
     (tmp_path / "each2" / "00002.png").hardlink_to(model)
     cases = [
         (["sample", model_in_each, "--each", tmp_path / "each1", "--backend", "ort",
-          "-o", tmp_path / "g.png", *quick], "would replace"),
+          "-o", tmp_path / "g.png", *quick], "also an input"),
         (["sample", model, "--each", tmp_path / "each2", "-o", tmp_path / "g.png",
-          "--steps", "2", "-n", "3", "--no-progress"], "would replace"),
+          "--steps", "2", "-n", "3", "--no-progress"], "image 2 of 3"),
         (["sample", model, "--each", tmp_path / "each3", "-o", tmp_path / "each3" / "00003.png",
-          "--steps", "2", "-n", "4", "--no-progress"], "00003.png (image 3 of 4)"),
+          "--steps", "2", "-n", "4", "--no-progress"], "00003.png, which is also -o/--out"),
         (["sample", model, "--each", tmp_path / "each3", "--npz", tmp_path / "each3" / "a.npz",
           "-o", tmp_path / "each3" / "00000.png", *quick], "--each"),
         (["sample", model, "-o", tmp_path / ".png", *quick], "no name before .png"),

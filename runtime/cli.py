@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -307,7 +308,7 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
         return
     try:
         with load(model, backend=backend, device=device, threads=threads) as pipe:
-            _check_max_steps(max_steps, pipe)
+            _check_limits(max_batch, max_steps, pipe)
             serve(pipe, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                   max_n=max_n, max_steps=max_steps, batching=batching, grace=grace,
                   log=lambda line: click.echo(line))
@@ -315,13 +316,23 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
         raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror}") from None
 
 
-def _check_max_steps(max_steps: int | None, pipe) -> None:
-    """/v1/model reports --max-steps: refuse one above what any request can get (T)."""
+def _check_limits(max_batch: int, max_steps: int | None, pipe) -> None:
+    """Refuse limits the server cannot keep, before it binds its port."""
+    from .pipeline import available_memory
+
+    # /v1/model reports --max-steps: none above what any request can get (T).
     steps = pipe.record.num_timesteps
     if max_steps is not None and max_steps > steps:
         raise click.BadParameter(f"{max_steps} is more than the {steps} steps of "
                                  f"{pipe.source}; give at most {steps}",
                                  param_hint="--max-steps")
+    # The batch buffers (float32 images) are allocated at start.
+    need, have = max_batch * math.prod(pipe.image_shape) * 4, available_memory()
+    if have is not None and need > have:
+        raise click.BadParameter(f"{max_batch} rows of {list(pipe.image_shape)} images need "
+                                 f"about {need / 2**30:.1f} GiB, more than the "
+                                 f"{have / 2**30:.1f} GiB available; give a smaller one",
+                                 param_hint="--max-batch")
 
 
 def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
@@ -333,7 +344,7 @@ def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
     import_ray()
     with load(model, threads=1, **load_kwargs) as pipe:
         # A bad model file or limit is one line here, not a failed replica later.
-        _check_max_steps(kwargs["limits"]["max_steps"], pipe)
+        _check_limits(kwargs["limits"]["max_batch"], kwargs["limits"]["max_steps"], pipe)
     serve_on_ray(model, sha256=sha256_file(model), threads=threads, load_kwargs=load_kwargs,
                  log=click.echo, **kwargs)
 

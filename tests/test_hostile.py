@@ -118,6 +118,26 @@ def unrelated_onnx(path: Path) -> Path:
     return path
 
 
+def wide_onnx(path: Path, record: dict, image_shape: list[int]) -> Path:
+    """A model of ``image_shape`` images whose network is eps = x - x (never run here)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.metadata import METADATA_KEY
+
+    def tensor(name, dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *dims])
+
+    graph = helper.make_graph([helper.make_node("Sub", ["x", "x"], ["eps"])], "g",
+                              [tensor("x", image_shape), tensor("t", [])],
+                              [tensor("eps", image_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps({**record, "image_shape": image_shape})
+    onnx.save(model, str(path))
+    return path
+
+
 def engine_with_sidecar(folder: Path, name: str, record: dict, text: bytes | None = None):
     """An engine file (any bytes: it is refused before TensorRT reads it) and its sidecar."""
     engine = folder / f"{name}.plan"
@@ -216,9 +236,12 @@ def test_serve_refuses_limits_it_cannot_keep(tiny_onnx, tmp_path):
         pytest.skip(f"{missing} not installed (pip install .[serve])")
     steps = onnx_record(tiny_onnx)["schedule"]["num_timesteps"]
     port = ["--port", "0"]
+    # The largest images a record may hold: 4096 rows of them are 1 TiB of float32.
+    wide = wide_onnx(tmp_path / "wide.onnx", onnx_record(tiny_onnx), [4, 4096, 4096])
     cases = [
         # Its buffers are allocated at start: a huge batch was a numpy MemoryError.
         (["serve", tiny_onnx, "--max-batch", 10**12, *port], "--max-batch"),
+        (["serve", wide, "--max-batch", 4096, *port], "1024.0 GiB"),
         # /v1/model would report a limit that no request can reach.
         (["serve", tiny_onnx, "--max-steps", steps + 1, *port], f"at most {steps}"),
     ]

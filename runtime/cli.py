@@ -16,7 +16,7 @@ import numpy as np
 from . import backends
 from .bulk import DEFAULT_SHARD_SIZE
 from .clierrors import finite_float, guarded_group
-from .errors import MAX_THREADS
+from .errors import MAX_SEED, MAX_THREADS
 from .fileio import atomic_outputs, check_output, same_file
 from .raycluster import RayClusterError
 from .samplers import SAMPLERS
@@ -66,7 +66,7 @@ def _sampling_options(fn):
     for option in reversed([
         click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64,
                      show_default=True),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
         click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
                      show_default=True),
         click.option("--steps", type=click.IntRange(min=1), default=None,

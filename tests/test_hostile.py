@@ -215,6 +215,7 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
         (["sample", model, "--each", model, *quick], "--each"),
         (["sample", model, "-n", 10**9, "--steps", "2"], "n=1000000000"),
         (["sample", model, "--seed", "-1", *quick], "--seed"),
+        (["sample", model, "--seed", str(2**63), *quick], "--seed"),
         (["sample", model, "--sampler", "ddim", "--eta", "1000", *quick], "--eta"),
         (["sample", model, "--sampler", "ddim", "--eta", "nan", *quick], "--eta"),
         (["sample", model, "--threads", 10**9, *quick], "--threads"),

@@ -43,6 +43,8 @@ def _backend_options(fn, threads_help="CPU threads for ONNX Runtime (default: al
 
 # The server allocates its batch buffers at start: rows beyond this are memory, not speed.
 MAX_SERVE_BATCH = 4096
+# One request's images are held in memory until it ends; a larger job belongs to `bulk`.
+MAX_REQUEST_IMAGES = 4096
 
 _ray_address_option = click.option(
     "--ray-address", default="local", show_default=True, envvar="RAY_ADDRESS",
@@ -274,8 +276,8 @@ def info_cmd(model, backend, device, threads):
               "buffers are allocated at start)")
 @click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
               help="requests waiting for rows; more are refused with 429")
-@click.option("--max-n", type=click.IntRange(min=1), default=64, show_default=True,
-              help="images per request")
+@click.option("--max-n", type=click.IntRange(1, MAX_REQUEST_IMAGES), default=64,
+              show_default=True, help="images per request (larger jobs: bulk)")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
               help="steps per request, at most the model's T (default: T)")
 @click.option("--batching/--no-batching", default=True, show_default=True,

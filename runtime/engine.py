@@ -125,8 +125,10 @@ class Engine:
             check_int(value, name)
         self.eps_fn, self.record = eps_fn, record
         self.schedule = record.build_schedule()
-        self.max_steps = self.schedule.num_timesteps if max_steps is None else max_steps
-        check_int(self.max_steps, "max_steps")
+        T = self.schedule.num_timesteps
+        self.max_steps = T if max_steps is None else max_steps
+        # Above T the limit would be reported but never reached: a chain has T steps at most.
+        check_int(self.max_steps, "max_steps", maximum=T)
         self.max_batch, self.max_queue, self.max_n = max_batch, max_queue, max_n
         self.batching = batching
         self.image_shape = tuple(record.image_shape)

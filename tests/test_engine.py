@@ -139,6 +139,9 @@ def test_cap_fifo_and_partial_admission():
 
 
 def test_full_queue_and_limits_are_refused_at_once():
+    T = RECORD.build_schedule().num_timesteps
+    with pytest.raises(ValueError, match=f"max_steps must be .* no larger than {T}"):
+        Engine(ClosedForm(), RECORD, max_steps=T + 1)  # a limit no request could reach
     engine = Engine(ClosedForm(), RECORD, max_batch=2, max_queue=2, max_n=8, max_steps=50)
     engine.submit(1, 0, Options("ddim", 5))
     engine.submit(1, 1, Options("ddim", 5))

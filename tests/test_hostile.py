@@ -245,6 +245,8 @@ def test_serve_refuses_limits_it_cannot_keep(tiny_onnx, tmp_path):
         (["serve", wide, "--max-batch", 4096, *port], "1024.0 GiB"),
         # /v1/model would report a limit that no request can reach.
         (["serve", tiny_onnx, "--max-steps", steps + 1, *port], f"at most {steps}"),
+        # A request's images stay in memory until it ends: larger jobs are bulk's.
+        (["serve", tiny_onnx, "--max-n", 10**9, *port], "--max-n"),
     ]
     if importlib.util.find_spec("ray") is not None:
         cases.append((["serve", tiny_onnx, "--ray", "--max-steps", steps + 1, *port],

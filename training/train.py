@@ -31,8 +31,8 @@ from training.config import (  # noqa: E402
     preset,
 )
 from training.data import DatasetError, load_dataset  # noqa: E402
-from training.distributed import DeviceError, dist_info_from_env  # noqa: E402
-from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, epoch_steps, train  # noqa: E402
+from training.distributed import DeviceError  # noqa: E402
+from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, train  # noqa: E402
 
 # Options a resumed run takes from its checkpoint; giving a different value is an error.
 FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr-decay",
@@ -131,8 +131,6 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
     for name in (CKPT_NAME, LOG_NAME):
         check_output(out_dir / name, inputs=[data] if data != "digits" else [], option="--out")
     dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
-    epoch_steps(dataset, train_config.batch_size, dist_info_from_env().world_size,
-                resuming=resume_from is not None)
     # Nothing was written or removed so far: a refused command leaves OUT as it was (a fresh
     # run's log is emptied by the trainer, once it has accepted the data and options).
     trainer = train(model_config, train_config, dataset, out_dir, device=device, bf16=bf16,

@@ -81,7 +81,8 @@ class Trainer:
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset,
                  out_dir: str | Path, *, device: torch.device | str = "cpu",
-                 info: DistInfo | None = None, bf16: bool = False, progress: bool = True):
+                 info: DistInfo | None = None, bf16: bool = False, progress: bool = True,
+                 resuming: bool = False):
         expected = (model_config.in_channels, model_config.image_size, model_config.image_size)
         if dataset.image_shape != expected:
             raise ValueError(f"dataset images are [C, H, W] = {list(dataset.image_shape)}, the "
@@ -97,7 +98,9 @@ class Trainer:
         self.schedule = train_config.schedule()
         self.st = schedule_tensors(self.schedule, self.device)
         self.local_batch = train_config.batch_size // info.world_size
-        self.steps_per_epoch = epoch_steps(dataset, train_config.batch_size, info.world_size)
+        # Before anything is written: a refused run leaves its folder as it was.
+        self.steps_per_epoch = epoch_steps(dataset, train_config.batch_size, info.world_size,
+                                           resuming=resuming)
 
         torch.manual_seed(train_config.seed)  # the same initial weights on every rank
         self.model = UNet(model_config).to(self.device)
@@ -320,7 +323,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset
     init_process_group(info, torch_device)
     try:
         trainer = Trainer(model_config, train_config, dataset, out_dir, device=torch_device,
-                          info=info, bf16=bf16, progress=progress)
+                          info=info, bf16=bf16, progress=progress,
+                          resuming=resume_from is not None)
         if resume_from is not None:
             trainer.load_state(resume_from)
         trainer.fit()

@@ -24,6 +24,7 @@ from runtime.clierrors import one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+NPZ_FIX = "write it with np.savez(path, images=uint8_array)"  # how to make a good .npz
 
 
 class DatasetError(ValueError):
@@ -107,7 +108,7 @@ def _digits(image_size: int, channels: int) -> Dataset:
 def _check_npz_header(path: Path, spec: str) -> None:
     """Read the 'images' member's .npy header (shape, dtype) and refuse before loading what
     is not a zip archive, not uint8, or claims more bytes than the member holds."""
-    fix = "write it with np.savez(path, images=uint8_array)"
+    fix = NPZ_FIX
     if not zipfile.is_zipfile(path):
         raise DatasetError(f"{spec}: not an .npz (zip) archive (a .npy file renamed?); {fix}")
     try:
@@ -148,8 +149,8 @@ def _npz(path: Path, spec: str, image_size: int, channels: int) -> Dataset:
         raise DatasetError(f"{spec}: 'images' does not fit in this machine's memory; "
                            "train on a smaller subset") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
-        raise DatasetError(f"{spec}: not a readable .npz file ({one_line(err)}); write it with "
-                           "np.savez(path, images=uint8_array)") from None
+        raise DatasetError(f"{spec}: not a readable .npz file ({one_line(err)}); {NPZ_FIX}") \
+            from None
     if images.ndim == 3 and channels == 1:
         images = images[:, None]
     nhwc = (images.ndim == 4 and images.shape[3] == channels

@@ -38,8 +38,8 @@ import torch
 
 from export.rewrites import REWRITES, deploy_form
 from export.verification import Verification
-from runtime.fileio import atomic_output, check_output
 from runtime.metadata import METADATA_KEY, ModelRecord, sha256_file
+from runtime.util.fileio import atomic_output, check_output
 
 # Exporter name -> what the record calls it, and the opset it writes.
 EXPORTERS = {"dynamo": "torch.onnx (torch.export)", "torchscript": "torch.onnx (TorchScript)"}

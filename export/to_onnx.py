@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 
-from runtime.clierrors import finite_float, guarded_command  # noqa: E402
+from runtime.util.clierrors import finite_float, guarded_command  # noqa: E402
 
 
 def export_options(fn):
@@ -36,7 +36,7 @@ def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float 
     """Export and print the verification; one-line errors become click errors, and
     warnings one line each on stderr."""
     from export.onnx_export import DEFAULT_TOLERANCE, ExportError, export_checkpoint
-    from runtime.clierrors import one_line
+    from runtime.util.clierrors import one_line
     from training.checkpoint import CheckpointError
 
     try:

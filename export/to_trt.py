@@ -18,9 +18,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import click  # noqa: E402
 
 from export.to_onnx import export_options, run_export  # noqa: E402
-from runtime.clierrors import finite_float, guarded_command  # noqa: E402
-from runtime.fileio import check_output  # noqa: E402
 from runtime.sidecar import sidecar_path  # noqa: E402
+from runtime.util.clierrors import finite_float, guarded_command  # noqa: E402
+from runtime.util.fileio import check_output  # noqa: E402
 
 EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failures (1)
 

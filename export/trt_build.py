@@ -19,9 +19,9 @@ from export.verification import Verification
 from runtime.backends import cuda
 from runtime.backends.trt import TRT_INSTALL_HINT, TensorRTBackend, import_tensorrt, trt_logger
 from runtime.errors import BackendUnavailableError, ModelFileError
-from runtime.fileio import write_bytes
 from runtime.metadata import ModelRecord
 from runtime.sidecar import PRECISIONS, EngineBuild, EngineSidecar, read_sidecar, write_sidecar
+from runtime.util.fileio import write_bytes
 
 _log = logging.getLogger(__name__)
 

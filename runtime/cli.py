@@ -14,13 +14,12 @@ import click
 import numpy as np
 
 from . import backends
-from .bulk import DEFAULT_SHARD_SIZE
-from .clierrors import finite_float, guarded_group
-from .errors import MAX_SEED, MAX_THREADS
-from .fileio import atomic_outputs, check_output, same_file
-from .raycluster import RayClusterError
-from .samplers import SAMPLERS
-from .schedule import SPACINGS, VARIANCES
+from .errors import MAX_THREADS
+from .options import SEED, SampleOptions, click_options
+from .scale.cluster import RayClusterError
+from .scale.shards import DEFAULT_SHARD_SIZE
+from .util.clierrors import finite_float, guarded_group
+from .util.fileio import atomic_outputs, check_output, same_file
 
 
 @click.group(cls=guarded_group(RayClusterError),
@@ -64,25 +63,20 @@ class _Replicas(click.ParamType):
 
 
 def _sampling_options(fn):
-    """What decides the images: the same flags for every command that samples."""
-    for option in reversed([
-        click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64,
-                     show_default=True),
-        click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True),
-        click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
-                     show_default=True),
-        click.option("--steps", type=click.IntRange(min=1), default=None,
-                     help="network calls, on a respaced chain (default: all T of the model)"),
-        click.option("--spacing", type=click.Choice(SPACINGS), default="linspace",
-                     show_default=True, help="which timesteps --steps keeps"),
-        click.option("--variance", type=click.Choice(VARIANCES), default="fixedlarge",
-                     show_default=True, help="ddpm only"),
-        click.option("--eta", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
-                     callback=finite_float,
-                     help="ddim only; 0 is deterministic, 1 has DDPM's posterior variance"),
-    ]):
-        fn = option(fn)
+    """What decides the images: -n, --seed and every option of runtime.options' schema,
+    generated from it (a sampler's new option becomes a flag here by itself)."""
+    fn = click_options(fn)
+    fn = click.option("--seed", type=click.IntRange(SEED.low, SEED.high), default=0,
+                      show_default=True, help=SEED.help)(fn)
+    fn = click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64,
+                      show_default=True)(fn)
     return fn
+
+
+def _options(sampling: dict) -> SampleOptions:
+    """The generated flags' values as checked options: a flag given for a sampler that does
+    not take it is one line naming it (before the model loads)."""
+    return SampleOptions.make(**{k: v for k, v in sampling.items() if v is not None})
 
 
 @main.command("sample")
@@ -97,21 +91,21 @@ def _sampling_options(fn):
               help="also write one PNG per image into this folder")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @_backend_options
-def sample_cmd(model, n, seed, sampler, steps, spacing, variance, eta, batch_size, out, npz,
-               each, progress, backend, device, threads):
+def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, device, threads,
+               **sampling):
     """Sample N images from MODEL (.onnx or .plan) and write a PNG grid."""
     from .images import PNG_CHANNELS, make_grid, png_bytes
     from .pipeline import load
 
+    options = _options(sampling)
     with load(model, backend=backend, device=device, threads=threads) as pipe:
         each_png = _check_outputs(out, npz, each, n, inputs=[model])
         if pipe.image_shape[0] not in PNG_CHANNELS:
             raise click.UsageError(f"{model}: images of {pipe.image_shape[0]} channels cannot "
                                    "be written as PNG; sample them with the Python API")
-        steps_run = steps or pipe.record.num_timesteps
+        steps_run = options.steps or pipe.record.num_timesteps
         start = time.perf_counter()
-        images = pipe.sample(n, seed, sampler=sampler, steps=steps, spacing=spacing,
-                             variance=variance, eta=eta, batch_size=batch_size,
+        images = pipe.sample(n, seed, **options.to_dict(), batch_size=batch_size,
                              progress=progress)
         seconds = time.perf_counter() - start
         backend_name = pipe.backend_name
@@ -123,7 +117,7 @@ def sample_cmd(model, n, seed, sampler, steps, spacing, variance, eta, batch_siz
                 np.savez_compressed(f, images=images, seed=seed)
         for k, image in enumerate(images if each is not None else ()):
             outputs.write_bytes(each_png(k), png_bytes(image))
-    click.echo(f"{n} images, {sampler} {steps_run} steps, {seconds:.1f} s, "
+    click.echo(f"{n} images, {options.sampler} {steps_run} steps, {seconds:.1f} s, "
                f"{n / seconds:.2f} images/s, {backend_name} -> {out}")
 
 
@@ -200,35 +194,35 @@ def _each_clash(each: Path, n: int, others: list[Path], each_png) -> tuple[int, 
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @functools.partial(_backend_options, threads_help="ONNX Runtime threads per worker, each "
                    "reserved from Ray (default 1)")
-def bulk_cmd(model, n, seed, sampler, steps, spacing, variance, eta, out, shard_size,
-             ray_address, workers, progress, backend, device, threads):
+def bulk_cmd(model, n, seed, out, shard_size, ray_address, workers, progress, backend, device,
+             threads, **sampling):
     """Sample N images of MODEL on Ray workers into shards under --out (resumable).
 
     Image k depends only on (seed, k): the shards hold the same images as
     `sample --npz` with the same options, whatever the number of workers. --threads is
     per worker (default 1).
     """
-    from .bulk import BulkJob, check_job_size
-    from .metadata import sha256_file
     from .pipeline import load
-    from .ray_bulk import run
-    from .raycluster import import_ray
+    from .scale.bulk import run
+    from .scale.cluster import import_ray
+    from .scale.shards import BulkJob, check_job_size
 
+    options = _options(sampling)
     check_job_size(n, shard_size)
     threads = threads or 1
     load_kwargs = {"backend": backend, "device": device}
     import_ray()
     # Fail here, in a second, on a bad model or options, not on every worker later.
     with load(model, threads=1, **load_kwargs) as pipe:
-        steps = steps or pipe.record.num_timesteps
-        pipe.schedule.respaced(steps, spacing)
+        options = options.with_steps(options.steps or pipe.record.num_timesteps)
+        options.respace(pipe.schedule)
         image_shape = pipe.image_shape
-    job = BulkJob(out, model_sha256=sha256_file(model), image_shape=image_shape, n=n, seed=seed,
-                  shard_size=shard_size,
-                  sample_options={"sampler": sampler, "steps": steps, "spacing": spacing,
-                                  "variance": variance, "eta": eta})
-    job.prepare(inputs=[model])
-    stats = run(job, model, address=ray_address, workers=workers, threads=threads,
+    files = backends.model_files(model, backend)
+    job = BulkJob(out, model_sha256=backends.model_digest(files), image_shape=image_shape,
+                  n=n, seed=seed,
+                  shard_size=shard_size, sample_options=options.to_dict())
+    job.prepare(inputs=files)
+    stats = run(job, files, address=ray_address, workers=workers, threads=threads,
                 load_kwargs=load_kwargs, progress=progress)
     if not stats.shards_written:
         click.echo(f"all {stats.shards_total} shards are already in {out}; nothing to do")
@@ -295,7 +289,7 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
               on_ray, replicas, ray_address, backend, device, threads):
     """Serve MODEL over HTTP: POST /v1/samples, /healthz, /v1/model, /metrics."""
     try:
-        from .server import serve
+        from .serving.server import serve
     except ImportError as err:
         raise click.ClickException(f"the server needs its extra ({err.name} is missing): "
                                    "pip install .[serve]") from None
@@ -338,17 +332,16 @@ def _check_limits(max_batch: int, max_steps: int | None, pipe) -> None:
 
 
 def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
-    from .metadata import sha256_file
     from .pipeline import load
-    from .ray_serve import serve_on_ray
-    from .raycluster import import_ray
+    from .scale.cluster import import_ray
+    from .scale.ray_serve import serve_on_ray
 
     import_ray()
     with load(model, threads=1, **load_kwargs) as pipe:
         # A bad model file or limit is one line here, not a failed replica later.
         _check_limits(kwargs["limits"]["max_batch"], kwargs["limits"]["max_steps"], pipe)
-    serve_on_ray(model, sha256=sha256_file(model), threads=threads, load_kwargs=load_kwargs,
-                 log=click.echo, **kwargs)
+    serve_on_ray(model, files=backends.model_files(model, load_kwargs["backend"]),
+                 threads=threads, load_kwargs=load_kwargs, log=click.echo, **kwargs)
 
 
 if __name__ == "__main__":

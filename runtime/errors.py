@@ -25,9 +25,30 @@ class Cancelled(Exception):
     token was set). Nothing is broken: the pipeline stays usable."""
 
 
+class OptionError(ValueError):
+    """A request's option or field is wrong: ``field`` names it. ``kind`` is "type" (not the
+    option's type: a server answers 400) or "value" (out of range or not one of the
+    choices: 422)."""
+
+    def __init__(self, field: str, message: str, *, kind: str = "value"):
+        super().__init__(message)
+        self.field, self.kind = field, kind
+
+
+class RequestIdInUse(ValueError):
+    """A request named itself with the id of one still queued or running."""
+
+
 class Overloaded(RuntimeError):
-    """A sampling engine refused a request at once: its waiting queue is full, or it is
-    shutting down. Retry later, or on another server."""
+    """A batching scheduler refused a request at once. Retry later, or on another server."""
+
+
+class QueueFull(Overloaded):
+    """The scheduler's waiting queue is full: retry later."""
+
+
+class ShuttingDown(Overloaded):
+    """The scheduler is closing: retry on another server."""
 
 
 def check_int(value, name: str, *, minimum: int = 1, maximum: int | None = None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import write_bytes
+from .util.fileio import write_bytes
 
 PNG_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
 

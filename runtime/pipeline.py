@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from collections.abc import Callable
 
 import numpy as np
 
 from .backends import open_backend
-from .errors import MAX_SEED, Cancelled, check_int
+from .errors import Cancelled, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
-from .samplers import ImageNoise, sample, sampler_options
-from .schedule import VARIANCES
+from .options import SEED, N, SampleOptions
+from .run import Run
+from .samplers import ImageNoise
 
 DEFAULT_BATCH = 64
 
@@ -43,62 +43,62 @@ class Pipeline:
 
     def sample_float(self, n: int, seed: int = 0, *, sampler: str = "ddpm",
                      steps: int | None = None, spacing: str = "linspace",
-                     variance: str = "fixedlarge", eta: float = 0.0,
                      batch_size: int | None = None, progress: bool = True,
                      callback: Callable[[int, int], bool | None] | None = None,
-                     cancel=None, first_index: int = 0) -> np.ndarray:
+                     cancel=None, first_index: int = 0, **options) -> np.ndarray:
         """float32 [n, C, H, W] in the data range. Image k depends on (seed, k) only.
 
         ``sampler``: a name in ``runtime.samplers.SAMPLERS``; ``steps`` network calls
-        (default all T) at timesteps chosen by ``spacing`` (see ``Schedule.respaced``).
-        ``callback(step, total)`` runs after each network call (``total`` counts the steps
-        of every batch); returning False cancels. ``cancel``: a token such as a
-        ``threading.Event``, checked before each step. A cancelled call stops within one
-        step and raises :class:`~runtime.errors.Cancelled`; the pipeline stays usable.
-        ``first_index``: draw images first_index .. first_index + n - 1 of the seed, so that
-        a range of a large job can be sampled on its own (``python -m runtime bulk``).
+        (default all T) at timesteps chosen by ``spacing`` (see ``Schedule.respaced``);
+        ``options``: the sampler's own (``variance`` for ddpm, ``eta`` for ddim; see
+        ``runtime.options``). ``callback(step, total)`` runs after each network call
+        (``total`` counts the steps of every batch); returning False cancels. ``cancel``: a
+        token such as a ``threading.Event``, checked before each step. A cancelled call
+        stops within one step and raises :class:`~runtime.errors.Cancelled`; the pipeline
+        stays usable. ``first_index``: draw images first_index .. first_index + n - 1 of the
+        seed, so that a range of a large job can be sampled on its own (``bulk``).
         """
-        self._check_request(n, seed, eta, BYTES_PER_VALUE_FLOAT)
+        opts = SampleOptions.make(sampler, steps, spacing, **options)
+        self._check_request(n, seed, BYTES_PER_VALUE_FLOAT)
         check_int(first_index, "first_index", minimum=0)
-        sampler_options(sampler, variance=variance, eta=eta)  # fails before any work
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise TypeError(f"cancel must have an is_set() method (e.g. threading.Event), "
                             f"got {type(cancel).__name__}")
-        if variance not in VARIANCES:
-            raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
-        schedule = self.schedule.respaced(
-            self.schedule.num_timesteps if steps is None else steps, spacing)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable as callback(step, total), got "
+                            f"{type(callback).__name__}")
+        schedule = opts.respace(self.schedule)
         batch = self._batch_size(n, batch_size)
         starts = range(0, n, batch)
         total = len(starts) * schedule.num_timesteps
-        bar = _progress_bar(progress, total, f"{sampler} {schedule.num_timesteps} steps")
+        bar = _progress_bar(progress, total, f"{opts.sampler} {schedule.num_timesteps} steps")
         out = np.empty((n, *self.image_shape), np.float32)
+        t = np.empty(batch, np.float32)
         steps_done = 0
 
         def check_cancel():
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"sampling cancelled after {steps_done} of {total} steps")
 
-        def on_step(_i, _x):
-            nonlocal steps_done
-            steps_done += 1
-            if bar:
-                bar.update(1)
-            if callback is not None and callback(steps_done, total) is False:
-                raise Cancelled(f"sampling cancelled by the callback after {steps_done} of "
-                                f"{total} steps")
-            if steps_done < total:
-                check_cancel()
-
         try:
             for start in starts:
                 check_cancel()
                 stop = min(start + batch, n)
                 noise = ImageNoise(seed, range(first_index + start, first_index + stop))
-                x = sample(self.eps_fn, schedule, (stop - start, *self.image_shape), noise,
-                           sampler=sampler, variance=variance, eta=eta, clip_x0=True,
-                           clip_range=self.record.data_range, callback=on_step)
-                out[start:stop] = x
+                run = Run(schedule, opts, (stop - start, *self.image_shape), noise,
+                          clip_range=self.record.data_range)
+                while not run.done:
+                    t[:run.rows] = run.t
+                    run.advance(self.eps_fn(run.x, t[:run.rows]))
+                    steps_done += 1
+                    if bar:
+                        bar.update(1)
+                    if callback is not None and callback(steps_done, total) is False:
+                        raise Cancelled(f"sampling cancelled by the callback after "
+                                        f"{steps_done} of {total} steps")
+                    if steps_done < total:
+                        check_cancel()
+                out[start:stop] = run.x
         finally:
             if bar:
                 bar.close()
@@ -106,22 +106,17 @@ class Pipeline:
 
     def sample(self, n: int, seed: int = 0, **kwargs) -> np.ndarray:
         """uint8 [n, H, W, C]; the keyword arguments are those of :meth:`sample_float`."""
-        self._check_request(n, seed, kwargs.get("eta", 0.0), BYTES_PER_VALUE_UINT8)
+        self._check_request(n, seed, BYTES_PER_VALUE_UINT8)
         return to_uint8(self.sample_float(n, seed, **kwargs), self.record.data_range)
 
-    def _check_request(self, n, seed, eta, bytes_per_value: int) -> None:
+    def _check_request(self, n, seed, bytes_per_value: int) -> None:
         """Refuse what cannot run before anything is allocated or sampled."""
         if self._closed:
             raise ValueError(f"{self.source}: this pipeline is closed; open the model again "
                              "with runtime.load()")
-        check_int(n, "n")
+        N.check(n)
         # An explicit seed always: None would silently give other images on every call.
-        check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
-            # eta = 1 is DDPM's posterior variance. Above it a step adds more noise than the
-            # posterior has, and near t = 0 sigma_t^2 exceeds 1 - alpha_bar_{t-1}: DDIM's
-            # direction term takes the root of a negative number (eta > ~1.35, linear T=1000).
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        SEED.check(seed)
         need = n * math.prod(self.image_shape) * bytes_per_value
         have = available_memory()
         if have is not None and need > have:

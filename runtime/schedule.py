@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import check_int
+from .stepmath import ancestral_update, ddim_update, posterior_mean, predict_x0
 
 VARIANCES = ("fixedlarge", "fixedsmall")
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
@@ -162,8 +163,9 @@ class Schedule:
         x_t = _check_array(x_t, "x_t")
         idx = self._index(t, x_t)
         eps = _check_like(eps, x_t, "eps")
-        out = (_coef(self.sqrt_recip_alphas_cumprod, idx, x_t) * x_t
-               - _coef(self.sqrt_recipm1_alphas_cumprod, idx, x_t) * eps)
+        out = predict_x0(x_t, eps, _coef(self.sqrt_recip_alphas_cumprod, idx, x_t),
+                         _coef(self.sqrt_recipm1_alphas_cumprod, idx, x_t), None,
+                         np.empty(x_t.shape), np.empty(x_t.shape))
         return out.astype(x_t.dtype, copy=False)
 
     def q_posterior(self, x0, x_t, t):
@@ -171,8 +173,9 @@ class Schedule:
         x_t = _check_array(x_t, "x_t")
         idx = self._index(t, x_t)
         x0 = _check_like(x0, x_t, "x0")
-        mean = (_coef(self.posterior_mean_coef1, idx, x_t) * x0
-                + _coef(self.posterior_mean_coef2, idx, x_t) * x_t)
+        mean = posterior_mean(x0, x_t, _coef(self.posterior_mean_coef1, idx, x_t),
+                              _coef(self.posterior_mean_coef2, idx, x_t),
+                              np.empty(x_t.shape), np.empty(x_t.shape))
         variance = _coef(self.posterior_variance, idx, x_t)
         log_variance = _coef(self.posterior_log_variance_clipped, idx, x_t)
         return mean.astype(x_t.dtype, copy=False), variance, log_variance
@@ -200,8 +203,6 @@ class Schedule:
         3. add sigma_t * noise, except at t = 0 where the mean is returned.
         ``noise`` may be None only when every t is 0. Math in float64, result in x_t's dtype.
         """
-        from .samplers.ddpm import ancestral_update
-
         sigma = self.sigma(variance)
         x_t = _check_array(x_t, "x_t")
         idx = self._index(t, x_t)
@@ -226,6 +227,13 @@ class Schedule:
         ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
         return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
 
+    def ddim_coefficients(self, eta: float) -> np.ndarray:
+        """Per step: sqrt(ab_prev), sqrt(1 - ab_prev - sigma^2), sigma (eq. 16 of Song et al.)."""
+        sigma = self.ddim_sigma(eta)
+        ab_prev = self.alphas_cumprod_prev
+        return np.stack([np.sqrt(ab_prev), np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)),
+                         sigma], axis=1)
+
     def ddim_step(self, x_t, t, eps, noise=None, *, eta: float = 0.0, clip_x0: bool = True,
                   clip_range=(-1.0, 1.0)):
         """One DDIM step x_t -> x_{t-1}, eq. (12) of Song et al. (eta = 0: deterministic).
@@ -233,9 +241,7 @@ class Schedule:
         1. predict x_0 and clip it; 2. re-derive eps from the clipped x_0 so the two agree;
         3. x_{t-1} = sqrt(ab_prev) x_0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z.
         """
-        from .samplers.ddim import ddim_coefficients, ddim_update
-
-        table = ddim_coefficients(self, eta)
+        table = self.ddim_coefficients(eta)
         x_t = _check_array(x_t, "x_t")
         idx = self._index(t, x_t)
         eps = _check_like(eps, x_t, "eps")

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileError
-from .fileio import write_text
 from .metadata import ModelRecord
+from .util.fileio import write_text
 
 SIDECAR_VERSION = 1
 VERSION_KEY = "sidecar_version"

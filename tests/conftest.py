@@ -34,9 +34,9 @@ def export_model(model, path: Path, *, num_timesteps: int = 1000, num_levels: in
                  **record_overrides) -> Path:
     """Write ``model`` as an ONNX file with a ``ddpm`` record, through the export code."""
     from export.onnx_export import count_flops, to_onnx_bytes
-    from runtime.fileio import write_bytes
     from runtime.metadata import ModelRecord
     from runtime.schedule import Schedule
+    from runtime.util.fileio import write_bytes
 
     cfg = model.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runtime.fileio import (
+from runtime.util.fileio import (
     OutputError,
     atomic_output,
     atomic_outputs,

@@ -458,7 +458,7 @@ def test_an_internal_error_says_it_is_a_bug():
     import click
     from click.testing import CliRunner
 
-    from runtime.clierrors import BUG_LINE, EXIT_BUG, guarded_command
+    from runtime.util.clierrors import BUG_LINE, EXIT_BUG, guarded_command
 
     @click.command(cls=guarded_command())
     @click.option("--what", default="user")

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime.bulk import MANIFEST, BulkJob, read_images
 from runtime.metadata import sha256_file
+from runtime.scale.shards import MANIFEST, BulkJob, read_images
 from tools.loadtest import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def ray_address():
     """One local Ray instance (2 CPUs) for this module; the CLIs under test join it."""
     if ray is None:
         pytest.skip("Ray is not installed (pip install .[ray])")
-    from runtime.raycluster import runtime_env
+    from runtime.scale.cluster import runtime_env
 
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                        runtime_env=runtime_env())
@@ -182,8 +182,8 @@ def test_a_worker_killed_mid_run_is_replaced(tiny_onnx, ray_address, tmp_path):
     """As if a worker's machine went away: its shards are drawn again by a new worker."""
     import psutil
 
-    from runtime.bulk import BulkJob
-    from runtime.ray_bulk import run
+    from runtime.scale.bulk import run
+    from runtime.scale.shards import BulkJob
 
     n, steps = 12, 300   # one-image shards slow enough that the kill lands mid-run
     job = BulkJob(tmp_path / "job", model_sha256=sha256_file(tiny_onnx), image_shape=(1, 8, 8),
@@ -204,7 +204,7 @@ def test_a_worker_killed_mid_run_is_replaced(tiny_onnx, ray_address, tmp_path):
 
     killer = threading.Thread(target=kill_a_worker)
     killer.start()
-    stats = run(job, tiny_onnx, address=ray_address, workers=2, progress=False)
+    stats = run(job, [tiny_onnx], address=ray_address, workers=2, progress=False)
     killer.join()
     assert killed and stats.workers_replaced == 1
     images, indices = read_images(job.out)

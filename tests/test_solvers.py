@@ -276,7 +276,7 @@ def test_options_are_checked_per_sampler():
     with pytest.raises(ValueError, match="eta does not apply"):
         sample(eps_fn, FULL.respaced(4), SHAPE, np.random.default_rng(0), sampler="unipc",
                eta=0.5)
-    with pytest.raises(ValueError, match="does not take variance"):
+    with pytest.raises(ValueError, match="variance does not apply to the dpmpp_2m sampler"):
         make_sampler("dpmpp_2m", FULL, SHAPE, variance="fixedsmall")
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("euler", FULL, SHAPE)

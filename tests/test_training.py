@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime.cpus import busy_cores, cpu_count
-from runtime.fileio import OutputError
 from runtime.schedule import Schedule
+from runtime.util.cpus import busy_cores, cpu_count
+from runtime.util.fileio import OutputError
 from training.bridge import schedule_tensors
 from training.checkpoint import (
     CheckpointError,

@@ -28,10 +28,10 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from runtime.clierrors import guarded_command  # noqa: E402
-from runtime.cpus import cpu_count  # noqa: E402
 from runtime.errors import MAX_THREADS  # noqa: E402
-from runtime.fileio import check_output, write_text  # noqa: E402
+from runtime.util.clierrors import guarded_command  # noqa: E402
+from runtime.util.cpus import cpu_count  # noqa: E402
+from runtime.util.fileio import check_output, write_text  # noqa: E402
 
 CONTENDERS = ("torch", "diffusers", "ort_cpu", "ort_cuda", "trt_fp32", "trt_fp16", "torch_cuda")
 BASELINE = "torch"

@@ -95,7 +95,7 @@ def main(model, n, sampler, steps, shard_size, repeats, out):
     """Time bulk sampling on Ray (1 and 2 workers) against the one-process sample CLI."""
     import ray
 
-    from runtime.raycluster import runtime_env
+    from runtime.scale.cluster import runtime_env
 
     args = {"model": str(model), "n": n, "sampler": sampler, "steps": steps,
             "shard_size": shard_size, "repeats": repeats}

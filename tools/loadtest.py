@@ -431,7 +431,7 @@ def summarize(runs: list[dict], modes) -> dict:
 def main(model, saturation, duration, load, rate, modes, clients, cancel, drain, steps_scale,
          threads, max_batch, repeats, seed, out):
     """Batching vs request-at-a-time under a mixed load, against localhost servers."""
-    from runtime.fileio import OutputError, atomic_output, check_output
+    from runtime.util.fileio import OutputError, atomic_output, check_output
 
     try:
         for name in ("loadtest.json", "loadtest.md"):

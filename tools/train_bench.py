@@ -29,7 +29,7 @@ import dataclasses  # noqa: E402
 import click  # noqa: E402
 import torch  # noqa: E402
 
-from runtime.fileio import OutputError, atomic_output, check_output  # noqa: E402
+from runtime.util.fileio import OutputError, atomic_output, check_output  # noqa: E402
 from training.config import PRESETS, ModelConfig, preset  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.trainer import Trainer  # noqa: E402

@@ -14,8 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.clierrors import one_line
-from runtime.fileio import atomic_output
 from runtime.metadata import (
     check_data_range,
     check_format_version,
@@ -23,6 +21,8 @@ from runtime.metadata import (
     check_integer,
     check_schedule_config,
 )
+from runtime.util.clierrors import one_line
+from runtime.util.fileio import atomic_output
 
 from .config import ModelConfig, TrainConfig
 from .unet import UNet
@@ -51,7 +51,7 @@ def make_checkpoint(*, model_config: dict, train_config: dict, schedule: dict, d
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
     """Write ``ckpt`` to ``path`` so that a crash leaves either the old file or the new one.
 
-    Through :func:`runtime.fileio.atomic_output`: a temporary beside it, fsync, rename, and
+    Through :func:`runtime.util.fileio.atomic_output`: a temporary beside it, fsync, rename, and
     the temporaries of killed runs removed. A full disk is a one-line OutputError.
     """
     _check_plain(ckpt, "ckpt")

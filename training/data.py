@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.clierrors import one_line
+from runtime.util.clierrors import one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))

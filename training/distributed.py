@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from runtime.cpus import busy_cores, cpu_count
+from runtime.util.cpus import busy_cores, cpu_count
 
 
 class DeviceError(RuntimeError):

@@ -32,12 +32,12 @@ def torch_eps_fn(model_or_eps_fn: nn.Module | TorchEpsFn, device: torch.device |
 
 def reference_sample(model_or_eps_fn: nn.Module | TorchEpsFn, schedule: Schedule,
                      shape: Sequence[int], rng: Noise, *, sampler: str = "ddpm",
-                     variance: str = "fixedlarge", eta: float = 0.0, clip_x0: bool = True,
-                     clip_range=(-1.0, 1.0), device: torch.device | str = "cpu") -> np.ndarray:
+                     clip_x0: bool = True, clip_range=(-1.0, 1.0),
+                     device: torch.device | str = "cpu", **options) -> np.ndarray:
     """Sample x_0 of ``shape`` with ``schedule`` (full or respaced); returns float32 numpy.
 
     A module runs in eval mode under ``torch.inference_mode`` and gets its mode back.
-    The options are those of :func:`runtime.samplers.sample`.
+    ``options`` are the sampler's own, as for :func:`runtime.samplers.sample`.
     """
     model = model_or_eps_fn if isinstance(model_or_eps_fn, nn.Module) else None
     was_training = model.training if model is not None else False
@@ -46,8 +46,7 @@ def reference_sample(model_or_eps_fn: nn.Module | TorchEpsFn, schedule: Schedule
     try:
         with torch.inference_mode():
             return sample(torch_eps_fn(model_or_eps_fn, device), schedule, shape, rng,
-                          sampler=sampler, variance=variance, eta=eta, clip_x0=clip_x0,
-                          clip_range=clip_range)
+                          sampler=sampler, clip_x0=clip_x0, clip_range=clip_range, **options)
     finally:
         if model is not None:
             model.train(was_training)

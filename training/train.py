@@ -17,9 +17,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 
-from runtime.clierrors import finite_float, guarded_command  # noqa: E402
 from runtime.errors import MAX_THREADS  # noqa: E402
-from runtime.fileio import check_output  # noqa: E402
+from runtime.util.clierrors import finite_float, guarded_command  # noqa: E402
+from runtime.util.fileio import check_output  # noqa: E402
 from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from training.config import (  # noqa: E402
     LR_DECAYS,

@@ -21,8 +21,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from runtime.cpus import cpu_count
-from runtime.fileio import OutputError, describe_os_error, remove_stale_temporaries, write_bytes
+from runtime.util.cpus import cpu_count
+from runtime.util.fileio import (
+    OutputError,
+    describe_os_error,
+    remove_stale_temporaries,
+    write_bytes,
+)
 
 from .bridge import schedule_tensors
 from .checkpoint import make_checkpoint, nonfinite_tensor, save_checkpoint

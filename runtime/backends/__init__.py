@@ -1,15 +1,19 @@
 """Backends evaluate the ε-network of a model file; this module is their contract and registry.
 
 A backend is one module in this package that defines a class following :class:`Backend`
-and registers an opener for it with :func:`register`, under a short name (``--backend``)
-and the file suffixes it reads. ``runtime.load`` is a lookup here: the name when one is
-given, else the file's suffix. Modules are imported on the first lookup, and each imports
-its engine (ONNX Runtime, TensorRT, ...) only when a model is opened. See
-docs/contributing.md, "Add a backend".
+and registers an opener for it with :func:`register`, under a short name (``--backend``),
+the file suffixes it reads and the files a model of its format is made of (``files``: the
+model file first, then the others it needs, such as ONNX external data or an engine's
+sidecar), which :func:`model_files` and :func:`model_digest` give to whatever ships,
+copies or checksums a model (Ray workers, bulk manifests). ``runtime.load`` is a lookup
+here: the name when one is given, else the file's suffix. Modules are imported on the
+first lookup, and each imports its engine (ONNX Runtime, TensorRT, ...) only when a model
+is opened. See docs/contributing.md, "Add a backend".
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import pkgutil
 import threading
@@ -53,6 +57,12 @@ CONTRACT = ("name", "record", "max_batch", "describe", "close")
 
 # opener(path, *, device, threads, device_id) -> Backend; each checks the options it takes.
 Opener = Callable[..., Backend]
+# files(path) -> [path, *companions]: the model's files, each an existing regular file.
+FilesFn = Callable[[Path], list[Path]]
+
+
+def single_file(path: Path) -> list[Path]:
+    return [Path(path)]
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Entry:
     name: str
     suffixes: tuple[str, ...]
     opener: Opener
+    files: FilesFn = single_file
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -67,8 +78,10 @@ _discovered = False
 _discovery_lock = threading.Lock()  # two threads loading models must not see half a registry
 
 
-def register(name: str, *, suffixes: Iterable[str]) -> Callable[[Opener], Opener]:
-    """Decorator: ``@register("ort", suffixes=(".onnx",))`` on the backend's opener."""
+def register(name: str, *, suffixes: Iterable[str],
+             files: FilesFn = single_file) -> Callable[[Opener], Opener]:
+    """Decorator: ``@register("ort", suffixes=(".onnx",), files=onnx_files)`` on the
+    backend's opener; ``files`` (default: the model file alone) lists a model's files."""
     suffixes = tuple(s.lower() for s in suffixes)
     if not name or name == AUTO or not all(s.startswith(".") for s in suffixes):
         raise ValueError(f"backend name {name!r} or suffixes {suffixes} not valid: a name other "
@@ -83,7 +96,7 @@ def register(name: str, *, suffixes: Iterable[str]) -> Callable[[Opener], Opener
             if other.name != name and taken:
                 raise ValueError(f"backend {name!r}: suffix {sorted(taken)[0]} already belongs "
                                  f"to backend {other.name!r}")
-        _REGISTRY[name] = Entry(name, suffixes, opener)
+        _REGISTRY[name] = Entry(name, suffixes, opener, files)
         return opener
 
     return decorate
@@ -143,11 +156,7 @@ def open_backend(path, *, backend: str = AUTO, device: str | None = None,
                  threads: int | None = None, device_id: int = 0) -> Backend:
     """Open ``path`` with the backend named, or the one its suffix maps to."""
     entry = lookup(path, backend) if backend != AUTO else None  # a bad name before a bad path
-    if Path(path).is_dir():
-        raise ModelFileError(f"{path} is a folder, not a model file; give the .onnx or .plan "
-                             "file inside it")
-    if not Path(path).is_file():
-        raise ModelFileError(f"{path}: no such model file")
+    _check_model_path(path)
     entry = entry or lookup(path)
     opened = entry.opener(Path(path), device=device, threads=threads, device_id=device_id)
     missing = [m for m in CONTRACT if not hasattr(opened, m)]
@@ -158,3 +167,34 @@ def open_backend(path, *, backend: str = AUTO, device: str | None = None,
         raise TypeError(f"backend {entry.name!r} ({_qualname(entry.opener)}) returned a "
                         f"{type(opened).__name__} without {lacks}; see runtime.backends.Backend")
     return opened
+
+
+def model_files(path, backend: str = AUTO) -> list[Path]:
+    """The files of the model at ``path`` as its backend declares them: ``path`` first."""
+    _check_model_path(path)
+    files = lookup(path, backend).files(Path(path))
+    if not files or Path(files[0]) != Path(path):
+        raise TypeError(f"backend {lookup(path, backend).name!r}: files() must list the model "
+                        "file first")
+    return [Path(f) for f in files]
+
+
+def model_digest(files: list[Path]) -> str:
+    """SHA-256 naming a model's content: the file's own digest for a one-file model (what
+    earlier manifests recorded), else the digest of each file's name and digest in order."""
+    from ..metadata import sha256_file
+
+    if len(files) == 1:
+        return sha256_file(files[0])
+    base = Path(files[0]).parent
+    lines = "".join(f"{Path(f).relative_to(base).as_posix()}\0{sha256_file(f)}\n"
+                    for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _check_model_path(path) -> None:
+    if Path(path).is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file; give the .onnx or .plan "
+                             "file inside it")
+    if not Path(path).is_file():
+        raise ModelFileError(f"{path}: no such model file")

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cpus import cpu_count
 from ..errors import MAX_THREADS, BackendUnavailableError, ModelFileError, check_int
 from ..metadata import METADATA_KEY, ModelRecord
+from ..util.cpus import cpu_count
 from . import register
+from .onnx_files import onnx_files
 
 # What the user asks for -> the execution provider that must end up running it.
 PROVIDERS = {
@@ -265,7 +266,7 @@ class OrtBackend:
         self.close()
 
 
-@register("ort", suffixes=(".onnx",))
+@register("ort", suffixes=(".onnx",), files=onnx_files)
 def open_onnx(path, *, device: str | None = None, threads: int | None = None,
               device_id: int = 0) -> OrtBackend:
     """``device``: ONNX Runtime's provider, "cpu" (default), "cuda" or "tensorrt"."""

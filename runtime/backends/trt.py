@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ModelFileError
-from ..sidecar import REBUILD_HINT, EngineSidecar, read_sidecar
+from ..sidecar import REBUILD_HINT, EngineSidecar, read_sidecar, sidecar_path
 from . import cuda, register
 
 _log = logging.getLogger(__name__)
@@ -362,7 +362,16 @@ class TensorRTBackend:
         return eps
 
 
-@register("trt", suffixes=(".plan", ".engine", ".trt"))
+def engine_files(path: Path) -> list[Path]:
+    """An engine and its sidecar: the engine alone cannot be loaded."""
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        raise ModelFileError(f"{path}: its sidecar {sidecar} is missing; rebuild the engine "
+                             "with python export/to_trt.py")
+    return [Path(path), sidecar]
+
+
+@register("trt", suffixes=(".plan", ".engine", ".trt"), files=engine_files)
 def open_engine(path, *, device: str | None = None, threads: int | None = None,
                 device_id: int = 0) -> TensorRTBackend:
     """A TensorRT engine with its sidecar; it runs on CUDA device ``device_id``."""

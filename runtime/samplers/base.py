@@ -15,30 +15,39 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..options import Option, check_schema
 from ..schedule import Schedule
 
 REGISTRY: dict[str, type[Sampler]] = {}
 
 
 def register(cls: type[Sampler]) -> type[Sampler]:
-    """Class decorator: make ``cls`` available under ``cls.name`` everywhere samplers are listed."""
+    """Class decorator: make ``cls`` available under ``cls.name`` everywhere samplers are
+    listed, with its ``options`` as flags, JSON fields and manifest entries."""
     if cls.name in REGISTRY:
         raise ValueError(f"sampler {cls.name!r} is registered twice")
+    check_schema(cls.name, tuple(cls.options), {n: tuple(c.options) for n, c in REGISTRY.items()})
     REGISTRY[cls.name] = cls
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a sampler (tests that register their own call this when done)."""
+    REGISTRY.pop(name, None)
 
 
 class Sampler:
     """One sampling run of ``schedule`` over a batch of ``shape`` ([B, ...]).
 
-    Subclasses set ``name`` and ``summary``, list the keyword options their ``__init__``
-    takes in ``options``, and implement :meth:`_step`. Step ``k`` (0-based, in calling
+    Subclasses set ``name`` and ``summary``, declare the keyword options their ``__init__``
+    takes in ``options`` (:class:`~runtime.options.Option`: name, type, default, bounds),
+    and implement :meth:`_step`. Step ``k`` (0-based, in calling
     order) stands for schedule index ``num_steps - 1 - k``.
     """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
-    options: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, schedule: Schedule, shape: Sequence[int], *, clip_x0: bool = True,
                  clip_range=(-1.0, 1.0)):
@@ -93,32 +102,16 @@ class Sampler:
         raise NotImplementedError
 
 
-def predict_x0(x: np.ndarray, eps: np.ndarray, recip, recipm1, clip, out: np.ndarray,
-               tmp: np.ndarray) -> np.ndarray:
-    """x_0 = sqrt(1/ab) x - sqrt(1/ab - 1) eps (eq. 15 solved for x_0), clipped, into ``out``.
-
-    float64 in ``out``; ``tmp`` is left holding sqrt(1/ab) x. The coefficients may be
-    scalars or arrays broadcasting against x (one per row).
-    """
-    np.multiply(x, recip, out=tmp, dtype=np.float64)
-    np.multiply(eps, recipm1, out=out, dtype=np.float64)
-    np.subtract(tmp, out, out=out)
-    if clip is not None:
-        np.clip(out, *clip, out=out)
-    return out
-
-
 def make_sampler(name: str, schedule: Schedule, shape: Sequence[int], *, clip_x0: bool = True,
                  clip_range=(-1.0, 1.0), **options) -> Sampler:
-    """Build the registered sampler ``name``. Options set to None take the sampler's default;
-    an option the sampler does not take is an error."""
-    cls = sampler_class(name)
-    given = {k: v for k, v in options.items() if v is not None}
-    extra = sorted(set(given) - set(cls.options))
-    if extra:
-        takes = ", ".join(cls.options) or "no options"
-        raise ValueError(f"sampler {name!r} does not take {', '.join(extra)} (it takes {takes})")
-    return cls(schedule, shape, clip_x0=clip_x0, clip_range=clip_range, **given)
+    """Build the registered sampler ``name`` with ``options`` checked against its schema
+    (:meth:`runtime.options.SampleOptions.make`: None or another sampler's default is left
+    out, anything else it does not take is an error)."""
+    from ..options import SampleOptions
+
+    checked = SampleOptions.make(sampler_class(name).name, **options)
+    return REGISTRY[name](schedule, shape, clip_x0=clip_x0, clip_range=clip_range,
+                          **checked.kwargs)
 
 
 def sampler_class(name: str) -> type[Sampler]:

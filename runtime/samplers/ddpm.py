@@ -4,26 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedule import Schedule
-from .base import Sampler, predict_x0, register
-
-
-def ancestral_update(x, eps, noise, recip, recipm1, c1, c2, sigma, clip, out, tmp):
-    """One ancestral step into ``out`` (float64); the coefficients are scalars or per row.
-
-    1. x_0 from eps, eq. (15) solved for x_0, clipped to the data range if ``clip``;
-    2. the posterior mean, eq. (7): c1 x_0 + c2 x_t;
-    3. + sigma z where ``noise`` is given.
-    :meth:`Schedule.step` and :class:`DDPM` both call this: one copy of the math.
-    """
-    predict_x0(x, eps, recip, recipm1, clip, out, tmp)
-    np.multiply(out, c1, out=out)
-    np.multiply(x, c2, out=tmp, dtype=np.float64)
-    np.add(out, tmp, out=out)
-    if noise is not None:
-        np.multiply(noise, sigma, out=tmp, dtype=np.float64)
-        np.add(out, tmp, out=out)
-    return out
+from ..options import Option
+from ..schedule import VARIANCES, Schedule
+from ..stepmath import ancestral_update
+from .base import Sampler, register
 
 
 @register
@@ -32,7 +16,8 @@ class DDPM(Sampler):
 
     name = "ddpm"
     summary = "the paper's ancestral sampler; needs all T steps for its best quality"
-    options = ("variance",)
+    options = (Option("variance", str, "fixedlarge", "the reverse step's variance: sigma^2 = "
+                      "beta (fixedlarge) or the posterior's (fixedsmall)", choices=VARIANCES),)
 
     def __init__(self, schedule: Schedule, shape, *, variance: str = "fixedlarge", **kwargs):
         super().__init__(schedule, shape, **kwargs)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import Schedule
-from .base import Sampler, predict_x0
+from ..stepmath import predict_x0
+from .base import Sampler
 
 
 class MultistepSampler(Sampler):

@@ -225,7 +225,7 @@ def steps_cmd(model, n, seed, real, inception_weights, out, refs, batch_size, th
 
 def _steps_report(pipe, ev, n, seed, batch_size, out, progress, timing_images, spacing, name,
                   *, seeds, samplers, nfes, extra=None):
-    from runtime.fileio import write_text
+    from runtime.util.fileio import write_text
 
     baselines = ev.baselines(seed)
     table = steps_table(pipe, ev, n, seeds, samplers, nfes, batch_size, out / "samples",

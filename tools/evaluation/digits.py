@@ -93,7 +93,7 @@ class DigitClassifier:
         arrays.update({f"intercept_{i}": b for i, b in enumerate(self.intercepts)})
         buffer = io.BytesIO()
         np.savez(buffer, recipe_hash=np.array(self.recipe_hash), **arrays)
-        from runtime.fileio import write_bytes
+        from runtime.util.fileio import write_bytes
 
         return write_bytes(path, buffer.getvalue())
 

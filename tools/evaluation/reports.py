@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.cpus import cpu_count
+from runtime.util.cpus import cpu_count
 
 
 def steps_markdown(table: dict, baselines: dict, n: int) -> str:
@@ -87,13 +87,13 @@ def plot_steps(table: dict, baselines: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    from runtime.fileio import write_bytes
+    from runtime.util.fileio import write_bytes
 
     return write_bytes(path, buffer.getvalue())
 
 
 def write_json(data: dict, path: Path) -> Path:
-    from runtime.fileio import write_text
+    from runtime.util.fileio import write_text
 
     return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -14,8 +14,8 @@ import numpy as np
 def sample_timed(pipe, n, seed, sampler, steps, batch_size, cache: Path | None, progress=True,
                  variance="fixedlarge", spacing="linspace"):
     """Images and wall time; reuses ``cache`` (.npz) from an identical earlier run."""
-    from runtime.fileio import write_bytes
     from runtime.metadata import sha256_file
+    from runtime.util.fileio import write_bytes
 
     steps = steps or pipe.record.num_timesteps
     key = {"model_sha256": sha256_file(pipe.source), "n": n, "seed": seed,

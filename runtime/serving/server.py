@@ -1,13 +1,17 @@
-"""HTTP server over the batching engine: ``python -m runtime serve MODEL``.
+"""HTTP server over the batching scheduler: ``python -m runtime serve MODEL``.
 
 Starlette on uvicorn, metrics by prometheus_client; all three come with the ``serve``
 extra (``pip install .[serve]``) and are imported only by this module.
 
-``POST /v1/samples`` takes JSON ``{n, seed, sampler, steps, spacing, variance, eta}`` plus
-``format`` ("grid": one PNG; "png": JSON with one base64 PNG per image; "npz"), ``stream``
-(server-sent events: progress, then the result) and ``id`` (optional; names the request
-for ``DELETE /v1/samples/{id}``). The options are echoed in the ``X-Sample-Options``
+``POST /v1/samples`` takes JSON ``{n, seed}``, the sampling options (``sampler``, ``steps``,
+``spacing`` and each sampler's own, from :mod:`runtime.options`), ``format`` ("grid": one
+PNG; "png": JSON with one base64 PNG per image; "npz"), ``stream`` (server-sent events:
+progress, then the result) and ``id`` (optional; names the request for
+``DELETE /v1/samples/{id}``). The options are echoed in the ``X-Sample-Options``
 header (and in the JSON and npz bodies). A client that disconnects cancels its request.
+
+Every error is JSON ``{"error": message, "code": code}`` (plus ``"field"`` for a bad
+field); :data:`ERROR_CODES` lists the codes and their HTTP statuses.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import base64
 import contextlib
 import io
 import json
-import math
 import re
 import secrets
 import signal
@@ -33,73 +36,108 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, Job, Options
-from .errors import MAX_SEED, Cancelled, Overloaded
-from .images import make_grid, png_bytes, to_uint8
+from ..errors import (
+    Cancelled,
+    OptionError,
+    QueueFull,
+    RequestIdInUse,
+    ShuttingDown,
+)
+from ..images import make_grid, png_bytes, to_uint8
+from ..options import SEED, N, SampleOptions, option_names, show_value
+from .scheduler import BatchScheduler, Job
 
 FORMATS = ("grid", "png", "npz")
-FIELDS = {"n", "seed", "sampler", "steps", "spacing", "variance", "eta", "format", "stream",
-          "id"}
+REQUEST_FIELDS = ("format", "stream", "id")
 MAX_BODY = 16 << 10  # a request is a few small fields
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# Longer integers are kept as a stand-in that names their length: Python refuses to convert
+# over 4300 digits, and none is a valid value of any field.
+MAX_INT_DIGITS = 100
+
+# code -> (HTTP status, meaning): the machine-readable "code" of every error body.
+ERROR_CODES = {
+    "bad_request": (400, "the body is not a JSON object of known fields of the right types"),
+    "invalid_field": (422, "a field's value is out of range or not one of its choices"),
+    "body_too_large": (413, f"the body is over {MAX_BODY} bytes"),
+    "id_in_use": (409, "the request's id names a queued or running request"),
+    "cancelled": (409, "the request was cancelled (DELETE, or its client went away)"),
+    "queue_full": (429, "too many requests are waiting; retry after Retry-After seconds"),
+    "shutting_down": (503, "the server is draining; retry on another server"),
+    "not_found": (404, "no such route, or no queued or running request with that id"),
+    "method_not_allowed": (405, "the route does not take that method"),
+    "client_disconnected": (499, "the client went away before the result"),
+    "sampling_failed": (500, "the network failed or returned NaN/inf for this request"),
+    "internal_error": (500, "a bug in the server"),
+}
+_BY_STATUS = {status: code for code, (status, _) in reversed(ERROR_CODES.items())}
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, code: str = "bad_request", field: str | None = None):
         super().__init__(message)
-        self.status = status
+        self.code, self.field = code, field
 
 
-def error(status: int, message: str, **headers) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+def error(code: str, message: str, *, field: str | None = None, **headers) -> JSONResponse:
+    body = {"error": message, "code": code}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=ERROR_CODES[code][0], headers=headers or None)
 
 
 # === Request parsing ===
 
-def _int_field(body: dict, name: str, default):
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"{name} must be an integer, got {json.dumps(value)[:40]}")
-    return value
+class HugeInt(int):
+    """An integer literal too long to be any field's value, kept by its length."""
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+    __str__ = __repr__
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) <= MAX_INT_DIGITS:
+        return int(text)
+    huge = HugeInt(-(10 ** MAX_INT_DIGITS) if text.startswith("-") else 10 ** MAX_INT_DIGITS)
+    huge.digits = len(text.lstrip("-"))
+    return huge
 
 
 def parse_request(body) -> dict:
     """The request's fields, typed and defaulted; BadRequest names the first bad one."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"n\": 4, \"seed\": 0}")
-    unknown = sorted(set(body) - FIELDS)
+    fields = {"n", "seed", *option_names(), *REQUEST_FIELDS}
+    unknown = sorted(set(body) - fields)
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; expected some of {sorted(FIELDS)}")
-    req = {"n": _int_field(body, "n", 1), "seed": _int_field(body, "seed", None),
-           "steps": _int_field(body, "steps", None)}
-    if req["n"] is None:
-        raise BadRequest("n must be an integer, got null")
-    if req["seed"] is None:
-        req["seed"] = secrets.randbits(63)  # echoed, so the images can be made again
-    elif not 0 <= req["seed"] <= MAX_SEED:
-        raise BadRequest(f"seed must be in [0, 2**63 - 1], got {req['seed']}", 422)
-    for name, default in [("sampler", "ddpm"), ("variance", "fixedlarge"),
-                          ("spacing", "linspace"), ("format", "grid")]:
-        value = body.get(name, default)
-        if not isinstance(value, str):
-            raise BadRequest(f"{name} must be a string, got {json.dumps(value)[:40]}")
-        req[name] = value
-    if req["format"] not in FORMATS:
-        raise BadRequest(f"unknown format {req['format']!r}; expected one of {FORMATS}")
-    eta = body.get("eta", 0.0)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-        raise BadRequest(f"eta must be a finite number, got {json.dumps(eta)[:40]}")
-    req["eta"] = float(eta)
+        raise BadRequest(f"unknown field(s) {unknown}; expected some of {sorted(fields)}")
+    try:
+        if body.get("n", 1) is None:
+            raise OptionError("n", "n must be an integer, got None", kind="type")
+        req = {"n": N.check(body.get("n", 1)), "options": SampleOptions.from_json(body)}
+        seed = body.get("seed")
+        # No seed: one is drawn and echoed, so the images can be made again.
+        req["seed"] = secrets.randbits(63) if seed is None else SEED.check(seed)
+    except OptionError as err:
+        raise BadRequest(str(err), "bad_request" if err.kind == "type" else "invalid_field",
+                         err.field) from None
+    fmt = body.get("format", "grid")
+    if fmt not in FORMATS:
+        raise BadRequest(f"unknown format {show_value(fmt)}; expected one of {FORMATS}",
+                         field="format")
+    req["format"] = fmt
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise BadRequest(f"stream must be true or false, got {json.dumps(stream)[:40]}")
+        raise BadRequest(f"stream must be true or false, got {show_value(stream)}",
+                         field="stream")
     req["stream"] = stream
     job_id = body.get("id")
     if job_id is not None and not (isinstance(job_id, str) and ID_PATTERN.fullmatch(job_id)):
-        raise BadRequest("id must be 1-64 characters of letters, digits, '_', '.', '-'")
+        raise BadRequest("id must be 1-64 characters of letters, digits, '_', '.', '-'",
+                         field="id")
     req["id"] = job_id
     return req
 
@@ -107,15 +145,15 @@ def parse_request(body) -> dict:
 async def read_json(request: Request):
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise BadRequest(f"the body must be at most {MAX_BODY} bytes", 413)
+        raise BadRequest(f"the body must be at most {MAX_BODY} bytes", "body_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY:
-            raise BadRequest(f"the body must be at most {MAX_BODY} bytes", 413)
+            raise BadRequest(f"the body must be at most {MAX_BODY} bytes", "body_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(b"".join(chunks), parse_int=_parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"the body is not valid JSON ({err})") from None
     except RecursionError:
@@ -140,14 +178,14 @@ def encode(images: np.ndarray, fmt: str, echo: dict) -> tuple[bytes, str]:
 
 # === Metrics ===
 
-class EngineCollector:
-    """The engine's counters, read at scrape time."""
+class SchedulerCollector:
+    """The scheduler's counters, read at scrape time."""
 
-    def __init__(self, engine: Engine, invalid: dict):
-        self.engine, self.invalid = engine, invalid
+    def __init__(self, scheduler: BatchScheduler, invalid: dict):
+        self.scheduler, self.invalid = scheduler, invalid
 
     def collect(self):
-        snap = self.engine.snapshot()
+        snap = self.scheduler.snapshot()
         for name, doc, value in [
             ("ddpm_queue_requests", "requests waiting for rows", snap["queue_requests"]),
             ("ddpm_queue_images", "images waiting for rows", snap["queue_images"]),
@@ -174,28 +212,26 @@ class EngineCollector:
 
 # === The app ===
 
-def create_app(engine: Engine, model_info: dict) -> Starlette:
-    """The ASGI app; it starts the engine's thread on startup and cancels what is left on
+def create_app(scheduler: BatchScheduler, model_info: dict) -> Starlette:
+    """The ASGI app; it starts the scheduler's thread on startup and cancels what is left on
     shutdown (after the server's grace period for in-flight requests)."""
     registry = CollectorRegistry()
     invalid = {"count": 0}
-    registry.register(EngineCollector(engine, invalid))
+    registry.register(SchedulerCollector(scheduler, invalid))
     latency = Histogram("ddpm_request_seconds", "time from submit to result, by sampler",
                         ["sampler"], registry=registry,
                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
     state = {"draining": False}
-    data_range = engine.record.data_range
+    data_range = scheduler.record.data_range
 
     async def samples(request: Request) -> Response:
         try:
             req = parse_request(await read_json(request))
         except BadRequest as err:
             invalid["count"] += 1
-            return error(err.status, str(err))
+            return error(err.code, str(err), field=err.field)
         except ClientDisconnect:
-            return error(400, "the client went away")
-        options = Options(req["sampler"], req["steps"], req["variance"], req["eta"],
-                          req["spacing"])
+            return error("client_disconnected", "the client went away")
         loop = asyncio.get_running_loop()
         finished = loop.create_future()
         progress = {"event": asyncio.Event(), "steps": (0, 0)}
@@ -210,19 +246,21 @@ def create_app(engine: Engine, model_info: dict) -> Starlette:
             loop.call_soon_threadsafe(publish)
 
         try:
-            job = engine.submit(req["n"], req["seed"], options, on_done=on_done,
-                                on_progress=on_progress if req["stream"] else None,
-                                job_id=req["id"])
-        except Overloaded as err:
-            status = 503 if state["draining"] or "shutting down" in str(err) else 429
-            return error(status, str(err), **{"Retry-After": "1"})
-        except ValueError as err:
+            job = scheduler.submit(req["n"], req["seed"], req["options"], on_done=on_done,
+                                   on_progress=on_progress if req["stream"] else None,
+                                   job_id=req["id"])
+        except ShuttingDown as err:
+            return error("shutting_down", str(err), **{"Retry-After": "1"})
+        except QueueFull as err:
+            code = "shutting_down" if state["draining"] else "queue_full"
+            return error(code, str(err), **{"Retry-After": "1"})
+        except RequestIdInUse as err:
             invalid["count"] += 1
-            status = 409 if "already in use" in str(err) else 422
-            return error(status, str(err))
-        echo = {"id": job.id, "n": job.n, "seed": job.seed, "sampler": options.sampler,
-                "steps": job.steps, "spacing": options.spacing, "variance": options.variance,
-                "eta": options.eta}
+            return error("id_in_use", str(err), field="id")
+        except OptionError as err:
+            invalid["count"] += 1
+            return error("invalid_field", str(err), field=err.field)
+        echo = {"id": job.id, "n": job.n, "seed": job.seed, **job.options.to_dict()}
         if req["stream"]:
             return StreamingResponse(_events(job, finished, progress, req["format"], echo),
                                      media_type="text/event-stream",
@@ -230,7 +268,7 @@ def create_app(engine: Engine, model_info: dict) -> Starlette:
         try:
             if not await _until_done_or_gone(request, finished):
                 job.cancel()  # the client went away: its rows go at the next tick
-                return error(499, "client disconnected")
+                return error("client_disconnected", "client disconnected")
         except asyncio.CancelledError:  # the server's grace period ran out
             job.cancel()
             raise
@@ -260,8 +298,8 @@ def create_app(engine: Engine, model_info: dict) -> Starlette:
 
     async def cancel(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if not engine.cancel(job_id):
-            return error(404, f"no queued or running request {job_id!r}")
+        if not scheduler.cancel(job_id):
+            return error("not_found", f"no queued or running request {job_id!r}")
         return JSONResponse({"id": job_id, "status": "cancelling"}, status_code=202)
 
     async def healthz(_request: Request) -> Response:
@@ -276,17 +314,19 @@ def create_app(engine: Engine, model_info: dict) -> Starlette:
         return Response(generate_latest(registry), media_type=PROMETHEUS_TEXT)
 
     async def http_error(_request: Request, exc: HTTPException) -> Response:
-        return error(exc.status_code, exc.detail, **(exc.headers or {}))
+        code = _BY_STATUS.get(exc.status_code, "bad_request")
+        return JSONResponse({"error": exc.detail, "code": code}, status_code=exc.status_code,
+                            headers=exc.headers or None)
 
     async def internal_error(_request: Request, exc: Exception) -> Response:
-        return error(500, f"internal error ({type(exc).__name__})")
+        return error("internal_error", f"internal error ({type(exc).__name__})")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        engine.start()
+        scheduler.start()
         yield
         state["draining"] = True
-        engine.close(drain=False, timeout=30)
+        scheduler.close(drain=False, timeout=30)
 
     routes = [Route("/v1/samples", samples, methods=["POST"]),
               Route("/v1/samples/{job_id}", cancel, methods=["DELETE"]),
@@ -322,10 +362,10 @@ async def _outcome(job: Job, fmt: str, echo: dict, latency, data_range, draining
         images = job.result(timeout=0)
     except Cancelled as err:
         if draining:
-            return error(503, "the server is shutting down; retry on another server")
-        return error(409, str(err))
+            return error("shutting_down", "the server is shutting down; retry on another server")
+        return error("cancelled", str(err))
     except Exception as err:  # a failed network call: the message, never a traceback
-        return error(500, f"sampling failed: {err}")
+        return error("sampling_failed", f"sampling failed: {err}")
     latency.labels(job.options.sampler).observe(time.monotonic() - job.submitted)
     uint8 = to_uint8(images, data_range)
     return await asyncio.to_thread(encode, uint8, fmt, echo)
@@ -341,21 +381,23 @@ async def _result_response(job, fmt, echo, latency, data_range, draining) -> Res
 
 
 def build_app(pipe, *, max_batch: int, max_queue: int, max_n: int, max_steps: int | None,
-              batching: bool, engine_cls: type[Engine] = Engine, log=print) -> Starlette:
-    """The engine over ``pipe`` and the app over the engine (``app.state.engine``): what
+              batching: bool, scheduler_cls: type[BatchScheduler] = BatchScheduler,
+              log=print) -> Starlette:
+    """The batch scheduler over ``pipe`` and the app over it (``app.state.scheduler``): what
     one server process runs, and what each Ray Serve replica runs (with its own
-    ``engine_cls``)."""
+    ``scheduler_cls``)."""
     if pipe.max_batch is not None and max_batch > pipe.max_batch:
         log(f"--max-batch {max_batch} is more than {pipe.source} takes; using {pipe.max_batch}")
         max_batch = pipe.max_batch
-    engine = engine_cls(pipe.eps_fn, pipe.record, max_batch=max_batch, max_queue=max_queue,
-                        max_n=max_n, max_steps=max_steps, batching=batching)
+    scheduler = scheduler_cls(pipe.eps_fn, pipe.record, max_batch=max_batch,
+                              max_queue=max_queue, max_n=max_n, max_steps=max_steps,
+                              batching=batching)
     info = {"record": json.loads(pipe.record.to_json()), "source": pipe.source,
             "backend": pipe.backend_name,
             "limits": {"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
-                       "max_steps": engine.max_steps, "batching": batching}}
-    app = create_app(engine, info)
-    app.state.engine = engine
+                       "max_steps": scheduler.max_steps, "batching": batching}}
+    app = create_app(scheduler, info)
+    app.state.scheduler = scheduler
     return app
 
 
@@ -367,8 +409,8 @@ def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: 
 
     app = build_app(pipe, max_batch=max_batch, max_queue=max_queue, max_n=max_n,
                     max_steps=max_steps, batching=batching, log=log)
-    engine = app.state.engine
-    max_batch = engine.max_batch
+    scheduler = app.state.scheduler
+    max_batch = scheduler.max_batch
     sock = socket.create_server((host, port))
     flags = app.state.flags
 
@@ -380,7 +422,7 @@ def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: 
 
             async def cancel_after_grace():
                 await asyncio.sleep(grace)
-                await asyncio.to_thread(engine.close, drain=False, timeout=30)
+                await asyncio.to_thread(scheduler.close, drain=False, timeout=30)
 
             task = asyncio.ensure_future(cancel_after_grace())
             try:
@@ -401,6 +443,6 @@ def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: 
     try:
         server.run(sockets=[sock])
     finally:
-        engine.close(drain=False, timeout=30)
+        scheduler.close(drain=False, timeout=30)
         sock.close()
     log("server stopped")

@@ -14,7 +14,7 @@ import traceback
 
 import click
 
-from .errors import BackendUnavailableError, ModelFileError, NonFiniteError
+from ..errors import BackendUnavailableError, ModelFileError, NonFiniteError
 from .fileio import OutputError
 
 EXIT_BUG = 70  # sysexits.h EX_SOFTWARE: an internal software error

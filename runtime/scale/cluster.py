@@ -9,11 +9,12 @@ exact code: the same images whatever machine draws them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 from pathlib import Path
 
-from .errors import BackendUnavailableError
+from ..errors import BackendUnavailableError
 
 INSTALL_HINT = "Ray is not installed: pip install .[ray] (or pip install 'ray[serve]')"
 # A head that does not answer this fast is reported at once: ray.init would retry for minutes.
@@ -97,17 +98,14 @@ def check_capacity(ray, copies: int, threads: int, what: str) -> None:
                               f"CPUs; the Ray cluster has {capacity}: ask for fewer")
 
 
-def ship_model(ray, path, sha256: str) -> dict:
-    """Put the model file's bytes (and an engine's sidecar beside it, if any) in the object
-    store, for workers on any machine."""
-    from .sidecar import sidecar_path
-
-    path = Path(path)
-    sidecar = sidecar_path(path)
-    files = {path.name: path.read_bytes()}
-    if sidecar.is_file():
-        files[sidecar.name] = sidecar.read_bytes()
-    return {"name": path.name, "sha256": sha256, "ref": ray.put(files)}
+def ship_model(ray, files: list[Path]) -> dict:
+    """Put a model's files (:func:`runtime.backends.model_files`: the model first, then
+    what it needs, by their paths relative to its folder) in the object store, for workers
+    on any machine, with each file's SHA-256."""
+    base = Path(files[0]).parent
+    blobs = {Path(f).relative_to(base).as_posix(): Path(f).read_bytes() for f in files}
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
+    return {"name": Path(files[0]).name, "sha256": digests, "ref": ray.put(blobs)}
 
 
 class ShippedModel:
@@ -115,20 +113,22 @@ class ShippedModel:
     ``pipe`` is the loaded :class:`~runtime.pipeline.Pipeline`; :meth:`close` frees both."""
 
     def __init__(self, shipped: dict, *, threads: int, load_kwargs: dict):
-        import hashlib
         import tempfile
 
         import ray
 
-        from .pipeline import load
+        from ..pipeline import load
 
         files = ray.get(shipped["ref"])
-        if hashlib.sha256(files[shipped["name"]]).hexdigest() != shipped["sha256"]:
-            raise ValueError(f"{shipped['name']}: the model bytes this worker received do not "
-                             "match the driver's SHA-256")
+        for name, data in files.items():
+            if hashlib.sha256(data).hexdigest() != shipped["sha256"].get(name):
+                raise ValueError(f"{name}: the model bytes this worker received do not match "
+                                 "the driver's SHA-256")
         self._dir = tempfile.TemporaryDirectory(prefix="ddpm-model-")
         for name, data in files.items():
-            (Path(self._dir.name) / name).write_bytes(data)
+            target = Path(self._dir.name) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
         path = Path(self._dir.name) / shipped["name"]
         self.pipe = load(path, threads=threads, **load_kwargs)
 

@@ -6,7 +6,7 @@ consecutive indices that any worker on any machine can draw alone. The folder ho
 ``shard-00000.npz`` per shard (uint8 ``images`` [N, H, W, C], int64 ``indices``, and the
 job's id). Each file is written atomically, so a shard on disk is a whole shard; a killed
 run finds the shards that are there, checks them, and draws only the others. No Ray here:
-:mod:`runtime.ray_bulk` runs the job.
+:mod:`runtime.scale.bulk` runs the job.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import OutputError, atomic_output, check_output, write_text
+from ..util.fileio import OutputError, atomic_output, check_output, write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "ddpm-bulk"

@@ -1,11 +1,13 @@
 """``python -m runtime serve MODEL --ray``: the same server as a Ray Serve deployment.
 
 Each replica is what one ``python -m runtime serve`` process runs: the model (shipped
-through Ray's object store), one step-batching :class:`~runtime.engine.Engine` and the
-same ASGI app (:func:`runtime.server.build_app`), mounted with ``serve.ingress``. Ray Serve
-runs the replicas (a number, or ``auto`` for its autoscaler) and its HTTP proxy spreads
-requests over them, so a client sees the same API, routes and JSON errors either way;
-a :class:`CancelBoard` actor carries ``DELETE`` to whichever replica runs the request.
+through Ray's object store), one :class:`~runtime.serving.scheduler.BatchScheduler` and
+the same ASGI app (:func:`runtime.serving.server.build_app`), mounted with
+``serve.ingress``. Ray Serve runs the replicas (a number, or ``auto`` for its autoscaler)
+and its HTTP proxy spreads requests over them, so a client sees the same API, routes and
+JSON errors either way; a :class:`CancelBoard` actor carries ``DELETE`` to whichever
+replica runs the request, and owns request ids across replicas: an id in use anywhere is
+refused (409) everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import threading
 import uuid
 
-from .raycluster import RayClusterError, ShippedModel, check_capacity, connect, ship_model
+from .cluster import RayClusterError, ShippedModel, check_capacity, connect, ship_model
 
 APP_NAME = "ddpm"
 
@@ -33,11 +35,18 @@ class CancelBoard:
         self.owner: dict[str, str] = {}
         self.pending: dict[str, set[str]] = {}
 
-    def register(self, job_id: str, replica: str) -> None:
+    def register(self, job_id: str, replica: str) -> bool:
+        """Claim ``job_id`` for ``replica``; False if another request holds it."""
+        if job_id in self.owner:
+            return False
         self.owner[job_id] = replica
+        return True
 
-    def forget(self, job_id: str) -> None:
-        self.owner.pop(job_id, None)
+    def forget(self, job_id: str, replica: str) -> None:
+        """Release ``job_id`` if ``replica`` holds it (a refused duplicate never does)."""
+        if self.owner.get(job_id) == replica:
+            del self.owner[job_id]
+            self.pending.get(replica, set()).discard(job_id)
 
     def cancel(self, job_id: str) -> bool:
         replica = self.owner.get(job_id)
@@ -53,26 +62,32 @@ class CancelBoard:
 POLL_S = 0.1
 
 
-def _board_engine(board, replica: str):
-    """An Engine that tells the board about its requests and cancels others' through it."""
+def _board_scheduler(board, replica: str):
+    """A BatchScheduler that claims its request ids on the board and cancels others' through
+    it."""
     import ray
 
-    from .engine import Engine
+    from ..errors import RequestIdInUse
+    from ..serving.scheduler import BatchScheduler
 
-    class BoardEngine(Engine):
+    class BoardScheduler(BatchScheduler):
         def submit(self, *args, on_done=None, job_id=None, **kwargs):
             job_id = job_id or uuid.uuid4().hex
-            board.register.remote(job_id, replica)   # before the job can finish and forget
+            # Claimed before the job can run, finish and forget it; refused while another
+            # replica's request holds it, so one id means one request on N replicas too.
+            if not ray.get(board.register.remote(job_id, replica), timeout=10):
+                raise RequestIdInUse(f"request id {job_id!r} is already in use by a queued "
+                                     "or running request; choose another")
 
             def done(job):
-                board.forget.remote(job.id)
+                board.forget.remote(job.id, replica)
                 if on_done is not None:
                     on_done(job)
 
             try:
                 return super().submit(*args, on_done=done, job_id=job_id, **kwargs)
             except BaseException:
-                board.forget.remote(job_id)
+                board.forget.remote(job_id, replica)
                 raise
 
         def cancel(self, job_id: str) -> bool:
@@ -82,29 +97,29 @@ def _board_engine(board, replica: str):
             for job_id in ray.get(board.take.remote(replica), timeout=10):
                 super().cancel(job_id)
 
-    return BoardEngine
+    return BoardScheduler
 
 
 class SamplingReplica:
-    """One replica: a model copy, its engine and the server's app over it."""
+    """One replica: a model copy, its batch scheduler and the server's app over it."""
 
     def __init__(self, shipped: dict, threads: int, load_kwargs: dict, limits: dict, board):
-        from .server import build_app
+        from ..serving.server import build_app
 
         self.model = ShippedModel(shipped, threads=threads, load_kwargs=load_kwargs)
         self.asgi = build_app(self.model.pipe, **limits,
-                              engine_cls=_board_engine(board, uuid.uuid4().hex))
+                              scheduler_cls=_board_scheduler(board, uuid.uuid4().hex))
         self._stop = threading.Event()
         threading.Thread(target=self._poll, name="cancel-board", daemon=True).start()
 
     def _poll(self) -> None:
-        engine = self.asgi.state.engine
+        scheduler = self.asgi.state.scheduler
         while not self._stop.wait(POLL_S):
             with contextlib.suppress(Exception):  # the board gone: the deployment is ending
-                engine.cancel_posted()
+                scheduler.cancel_posted()
 
     def __serve_build_asgi_app__(self):
-        # Called by Ray Serve after __init__; the app's lifespan starts and stops the engine.
+        # Called by Ray Serve after __init__; the app's lifespan starts and stops the scheduler.
         return self.asgi
 
     def __del__(self):
@@ -122,7 +137,7 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def serve_on_ray(model, *, sha256: str, address: str, replicas, host: str, port: int,
+def serve_on_ray(model, *, files: list, address: str, replicas, host: str, port: int,
                  threads: int, limits: dict, grace: float, load_kwargs: dict,
                  log=print) -> None:
     """Deploy, print where it listens, and run until SIGTERM/SIGINT; then shut Serve down
@@ -133,7 +148,7 @@ def serve_on_ray(model, *, sha256: str, address: str, replicas, host: str, port:
     if replicas != "auto":
         check_capacity(ray, replicas, threads, "--replicas")
     port = port or free_port(host)
-    # A replica holds requests waiting for rows too: the engine, not Ray, bounds the queue.
+    # A replica holds requests waiting for rows too: the scheduler, not Ray, bounds the queue.
     in_flight = limits["max_queue"] + limits["max_batch"]
     deployment = serve.deployment(serve.ingress()(SamplingReplica)).options(
         name="sampler", num_replicas=replicas, max_ongoing_requests=in_flight,
@@ -143,7 +158,7 @@ def serve_on_ray(model, *, sha256: str, address: str, replicas, host: str, port:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # Held here while Serve runs: a replica started later (autoscaling, a restart) loads it.
-    shipped = ship_model(ray, model, sha256)
+    shipped = ship_model(ray, files)
     board = ray.remote(CancelBoard).options(num_cpus=0).remote()
     serve.start(http_options={"host": host, "port": port})
     try:

@@ -1,4 +1,4 @@
-"""``python -m runtime bulk``: a :class:`~runtime.bulk.BulkJob` drawn by a pool of Ray actors.
+"""``python -m runtime bulk``: a :class:`~runtime.scale.shards.BulkJob` drawn by Ray actors.
 
 Why actors and not Ray Data: Ray's batch-inference guide puts a stateful model in a
 ``map_batches`` callable class, i.e. an actor per model copy, which is what this is. The
@@ -20,8 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bulk import BulkJob, Shard
-from .raycluster import (
+from .cluster import (
     RayClusterError,
     ShippedModel,
     check_capacity,
@@ -29,6 +28,7 @@ from .raycluster import (
     connect,
     ship_model,
 )
+from .shards import BulkJob, Shard
 
 IN_FLIGHT_PER_WORKER = 2  # a queued shard starts the moment the previous one is sent back
 MAX_REPLACEMENTS_PER_WORKER = 2
@@ -70,9 +70,10 @@ class BulkStats:
         return statistics.median(self.gaps_s) if self.gaps_s else None
 
 
-def run(job: BulkJob, model: Path, *, address: str = "local", workers: int | None = None,
+def run(job: BulkJob, files: list[Path], *, address: str = "local", workers: int | None = None,
         threads: int = 1, load_kwargs: dict | None = None, progress: bool = True) -> BulkStats:
-    """Draw the job's missing shards on Ray; returns what was done and how long it took."""
+    """Draw the job's missing shards on Ray with the model made of ``files``
+    (:func:`runtime.backends.model_files`); returns what was done and how long it took."""
     stats = BulkStats(threads=threads, shards_total=len(job.shards))
     todo = job.missing()
     if not todo:
@@ -87,7 +88,7 @@ def run(job: BulkJob, model: Path, *, address: str = "local", workers: int | Non
     check_capacity(ray, workers, threads, "--workers")
     workers = min(workers, len(todo))
     stats.workers = workers
-    shipped = ship_model(ray, model, job.model_sha256)
+    shipped = ship_model(ray, files)
     # A worker that dies (its machine lost, say) is replaced here and its shards drawn
     # again, a few times over; Ray's own actor restarts would need the constructor's
     # arguments kept alive by Ray for ever.

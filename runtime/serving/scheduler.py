@@ -1,60 +1,51 @@
 """Step-level batching: images of many requests share each network call.
 
 The network takes ``t`` per image ([B]), so images at different timesteps, from different
-requests, samplers and step counts can run in one call. The :class:`Engine` keeps a running
-batch of *groups*: a group is a slice of one request's images admitted together, with its
-own sampler state, its own noise streams (``ImageNoise(seed, range(lo, hi))``: image k
-depends on (seed, k) only) and its own schedule position. Every tick it makes one network
-call over all rows, applies each group's own step to its rows, retires finished groups and
-admits waiting images first come, first served. An image served this way is the image
-``Pipeline.sample(n, seed, ...)`` gives with the same options, bit for bit, wherever the
+requests, samplers and step counts can run in one call. The :class:`BatchScheduler` keeps a
+running batch of *groups*: a group is a slice of one request's images admitted together,
+stepped by its own :class:`~runtime.run.Run` (sampler state, noise streams
+``ImageNoise(seed, range(lo, hi))``: image k depends on (seed, k) only, schedule position).
+Every tick it makes one network call over all rows, advances each group's run with its
+rows of the result, retires finished groups and admits waiting images first come, first
+served. ``Pipeline.sample`` steps the same :class:`~runtime.run.Run`, so an image served
+this way is the image the library gives with the same options, bit for bit, wherever the
 network's output for a row does not depend on the other rows of its batch (ONNX Runtime
 on the CPU: tested).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MAX_SEED, Cancelled, NonFiniteError, Overloaded, check_int
-from .metadata import ModelRecord
-from .samplers import ImageNoise, draw_noise, make_sampler, sampler_options
-from .schedule import SPACINGS, VARIANCES, Schedule
+from ..errors import Cancelled, OptionError, QueueFull, RequestIdInUse, ShuttingDown, check_int
+from ..metadata import ModelRecord
+from ..options import SEED, N, SampleOptions, show_value
+from ..run import Run
+from ..samplers import ImageNoise
+from ..schedule import Schedule
 
 OUTCOMES = ("done", "cancelled", "failed")
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a request asks of the sampler; checked by :meth:`Engine.submit`."""
-
-    sampler: str = "ddpm"
-    steps: int | None = None  # None: the model's full chain
-    variance: str = "fixedlarge"
-    eta: float = 0.0
-    spacing: str = "linspace"
 
 
 class Job:
     """A submitted request: wait with :meth:`result`, stop with :meth:`cancel`.
 
-    ``on_progress(steps_done, steps_total)`` and ``on_done(job)`` run on the engine's
-    thread; ``on_progress`` returning False cancels. Steps count per image.
+    ``on_progress(steps_done, steps_total)`` and ``on_done(job)`` run on the scheduler's
+    thread; ``on_progress`` returning False cancels. Steps count per image. ``options``
+    has its ``steps`` resolved (never None).
     """
 
-    def __init__(self, n: int, seed: int, options: Options, steps: int, image_shape,
+    def __init__(self, n: int, seed: int, options: SampleOptions, image_shape,
                  on_progress, on_done, job_id: str | None = None):
         self.id = job_id or uuid.uuid4().hex
-        self.n, self.seed, self.options, self.steps = n, seed, options, steps
-        self.steps_total = n * steps
+        self.n, self.seed, self.options, self.steps = n, seed, options, options.steps
+        self.steps_total = n * options.steps
         self.steps_done = 0
         self.status = "queued"  # queued -> running -> done | cancelled | failed
         self.error: BaseException | None = None
@@ -68,7 +59,7 @@ class Job:
         self._on_progress, self._on_done = on_progress, on_done
 
     def cancel(self) -> None:
-        """Ask for a stop; the engine frees this request's rows at its next tick."""
+        """Ask for a stop; the scheduler frees this request's rows at its next tick."""
         self._cancel.set()
 
     @property
@@ -88,30 +79,23 @@ class Job:
 
 
 class _Group:
-    """A slice [lo, hi) of one job's images, sampled together."""
+    """A slice [lo, hi) of one job's images, stepped together by one :class:`Run`."""
 
     def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, clip_range):
-        shape = (hi - lo, *job._image_shape)
         self.job, self.lo, self.hi = job, lo, hi
-        self.noise = ImageNoise(job.seed, range(lo, hi))
-        o = job.options
-        # The registry's sampler over this group's rows: its own coefficients, position
-        # and multistep history.
-        self.sampler = make_sampler(o.sampler, schedule, shape, clip_x0=True,
-                                    clip_range=clip_range,
-                                    **sampler_options(o.sampler, variance=o.variance, eta=o.eta))
-        self.x = np.array(draw_noise(self.noise, shape), dtype=np.float32, order="C")
+        self.run = Run(schedule, job.options, (hi - lo, *job._image_shape),
+                       ImageNoise(job.seed, range(lo, hi)), clip_range=clip_range)
 
     @property
     def rows(self) -> int:
         return self.hi - self.lo
 
 
-class Engine:
-    """A scheduler that batches sampling steps across requests.
+class BatchScheduler:
+    """Batches sampling steps across requests: one network call per tick over every row.
 
     ``max_batch``: images in flight (rows of one network call). ``max_queue``: requests
-    waiting for rows; a request beyond it is refused at once (:class:`Overloaded`).
+    waiting for rows; a request beyond it is refused at once (:class:`QueueFull`).
     ``max_n``, ``max_steps``: per-request limits. ``batching=False`` serves each request
     alone, in arrival order (its images ``max_batch`` at a time), to compare against.
     Call :meth:`tick` yourself, or :meth:`start` a thread that ticks while there is work.
@@ -132,7 +116,7 @@ class Engine:
         self.max_batch, self.max_queue, self.max_n = max_batch, max_queue, max_n
         self.batching = batching
         self.image_shape = tuple(record.image_shape)
-        self._schedules: dict[int, Schedule] = {}
+        self._schedules: dict[tuple[int, str], Schedule] = {}
         self._queue: deque[Job] = deque()  # jobs with images not yet admitted, FIFO
         self._groups: list[_Group] = []  # the running batch, touched by the ticking thread
         self._live: dict[str, Job] = {}
@@ -152,50 +136,40 @@ class Engine:
 
     # === Requests ===
 
-    def check(self, n, seed, options: Options) -> int:
-        """Raise ValueError naming the first bad field; return the step count."""
-        check_int(n, "n")
+    def check(self, n, seed, options: SampleOptions) -> SampleOptions:
+        """Raise :class:`OptionError` naming the first bad field; return the options with
+        their step count resolved."""
+        N.check(n)
         if n > self.max_n:
-            raise ValueError(f"n must be at most {self.max_n} on this engine, got {n}; "
-                             "split the request")
-        check_int(seed, "seed", minimum=0, maximum=MAX_SEED)
-        if options.variance not in VARIANCES:
-            raise ValueError(f"unknown variance {options.variance!r}; expected one of "
-                             f"{VARIANCES}")
-        eta = options.eta
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (
-                math.isfinite(eta) and 0 <= eta <= 1):  # as Pipeline: 1 is DDPM's variance
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-        # Unknown samplers and options a sampler does not take (eta for ddpm, ...).
-        sampler_options(options.sampler, variance=options.variance, eta=eta)
-        if options.spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {options.spacing!r}; expected one of {SPACINGS}")
+            raise OptionError("n", f"n must be at most {self.max_n} on this server, got "
+                              f"{show_value(n)}; split the request")
+        SEED.check(seed)
         steps = self.schedule.num_timesteps if options.steps is None else options.steps
-        check_int(steps, "steps")
-        limit = min(self.max_steps, self.schedule.num_timesteps)
-        if steps > limit:
-            raise ValueError(f"steps must be at most {limit} on this engine, got {steps}")
-        return steps
+        if steps > self.max_steps:
+            raise OptionError("steps", f"steps must be at most {self.max_steps} on this server, "
+                              f"got {steps}")
+        return options.with_steps(steps)
 
-    def submit(self, n: int, seed: int, options: Options = Options(), *,
+    def submit(self, n: int, seed: int, options: SampleOptions | None = None, *,
                on_progress: Callable[[int, int], bool | None] | None = None,
                on_done: Callable[[Job], None] | None = None,
                job_id: str | None = None) -> Job:
-        """Queue a request; raises ValueError for bad options or an id already in use,
-        Overloaded when full."""
-        steps = self.check(n, seed, options)
-        self._schedule(steps, options.spacing)  # built now: a bad one never reaches a tick
-        job = Job(n, seed, options, steps, self.image_shape, on_progress, on_done, job_id)
+        """Queue a request. Raises :class:`OptionError` for a bad field,
+        :class:`RequestIdInUse`, :class:`QueueFull` or :class:`ShuttingDown`."""
+        options = self.check(n, seed, SampleOptions.make() if options is None else options)
+        self._schedule(options)  # built now: a bad one never reaches a tick
+        job = Job(n, seed, options, self.image_shape, on_progress, on_done, job_id)
         with self._lock:
             if job.id in self._live:
-                raise ValueError(f"request id {job.id!r} is already in use")
+                raise RequestIdInUse(f"request id {job.id!r} is already in use by a queued or "
+                                     "running request; choose another")
             if self._closed:
                 self.refused += 1
-                raise Overloaded("the engine is shutting down; retry on another server")
+                raise ShuttingDown("the server is shutting down; retry on another server")
             if len(self._queue) >= self.max_queue:
                 self.refused += 1
-                raise Overloaded(f"the queue is full ({self.max_queue} requests waiting); "
-                                 "retry later")
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); "
+                                "retry later")
             self._queue.append(job)
             self._live[job.id] = job
             self._wake.notify()
@@ -215,13 +189,14 @@ class Engine:
             self._wake.notify()
         return True
 
-    def _schedule(self, steps: int, spacing: str) -> Schedule:
-        schedule = self._schedules.get((steps, spacing))
+    def _schedule(self, options: SampleOptions) -> Schedule:
+        key = (options.steps, options.spacing)
+        schedule = self._schedules.get(key)
         if schedule is None:
-            schedule = self.schedule.respaced(steps, spacing)  # as Pipeline does
+            schedule = options.respace(self.schedule)
             if len(self._schedules) >= 64:  # bounded: a step count per request could differ
                 self._schedules.pop(next(iter(self._schedules)), None)
-            self._schedules[steps, spacing] = schedule
+            self._schedules[key] = schedule
         return schedule
 
     # === The loop ===
@@ -242,8 +217,8 @@ class Engine:
         x, t = self._x[:rows], self._t[:rows]
         pos = 0
         for g in groups:
-            x[pos:pos + g.rows] = g.x
-            t[pos:pos + g.rows] = g.sampler.t
+            x[pos:pos + g.rows] = g.run.x
+            t[pos:pos + g.rows] = g.run.t
             pos += g.rows
         start = time.perf_counter()
         try:
@@ -267,21 +242,14 @@ class Engine:
             job = g.job
             if job.status != "running":
                 continue  # failed by an earlier group this tick
-            if not np.isfinite(e).all():
-                self._finish(job, "failed", NonFiniteError(
-                    f"the network returned NaN or inf at step t={int(g.sampler.t)}; "
-                    "check the model file"))
-                continue
             try:
-                noise = (g.noise.standard_normal(self.image_shape) if g.sampler.needs_noise
-                         else None)
-                g.sampler.step(g.x, e, noise)
-            except Exception as err:  # this request's own step: it fails alone
+                g.run.advance(e)
+            except Exception as err:  # this request's own step (NaN, ...): it fails alone
                 self._finish(job, "failed", err)
                 continue
             job.steps_done += g.rows
             advanced[job.id] = job
-            if g.sampler.done:
+            if g.run.done:
                 finished.append(g)
         for job in advanced.values():
             if job.status == "running":
@@ -311,7 +279,7 @@ class Engine:
                 job.status = "running"
                 job._out = np.empty((job.n, *self.image_shape), np.float32)
             if job.status == "running":
-                schedule = self._schedule(job.steps, job.options.spacing)
+                schedule = self._schedule(job.options)
                 self._groups.append(_Group(job, lo, hi, schedule, self.record.data_range))
 
     def _drop_cancelled(self) -> None:
@@ -326,7 +294,7 @@ class Engine:
 
     def _retire(self, g: _Group) -> None:
         job = g.job
-        job._out[g.lo:g.hi] = g.x
+        job._out[g.lo:g.hi] = g.run.x
         job._finished += g.rows
         self._groups.remove(g)
         self.images_done += g.rows
@@ -361,14 +329,14 @@ class Engine:
         if job._on_done is not None:
             try:
                 job._on_done(job)
-            except Exception:  # a listener's failure must not stop the engine
+            except Exception:  # a listener's failure must not stop the scheduler
                 pass
 
     # === A thread that ticks ===
 
-    def start(self) -> Engine:
+    def start(self) -> BatchScheduler:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="sampling-engine",
+            self._thread = threading.Thread(target=self._run, name="batch-scheduler",
                                             daemon=True)
             self._thread.start()
         return self

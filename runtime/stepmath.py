@@ -1,0 +1,70 @@
+"""The step math of the reverse process, on arrays: the leaf every sampler and the schedule use.
+
+Nothing here imports the rest of the runtime, so imports only point down: samplers and
+:class:`~runtime.schedule.Schedule` call these functions, never each other. Every function
+writes float64 into ``out`` (``tmp`` is scratch of the same shape) and takes its
+coefficients as scalars or as arrays broadcasting against ``x`` (one per row).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def predict_x0(x: np.ndarray, eps: np.ndarray, recip, recipm1, clip, out: np.ndarray,
+               tmp: np.ndarray) -> np.ndarray:
+    """x_0 = sqrt(1/ab) x - sqrt(1/ab - 1) eps (eq. 15 solved for x_0), clipped, into ``out``.
+
+    ``tmp`` is left holding sqrt(1/ab) x (DDIM re-derives eps from it).
+    """
+    np.multiply(x, recip, out=tmp, dtype=np.float64)
+    np.multiply(eps, recipm1, out=out, dtype=np.float64)
+    np.subtract(tmp, out, out=out)
+    if clip is not None:
+        np.clip(out, *clip, out=out)
+    return out
+
+
+def ancestral_update(x, eps, noise, recip, recipm1, c1, c2, sigma, clip, out, tmp):
+    """One ancestral step of DDPM (Algorithm 2, through the posterior) into ``out``.
+
+    1. x_0 from eps, clipped to the data range if ``clip``;
+    2. the posterior mean, eq. (7): c1 x_0 + c2 x_t;
+    3. + sigma z where ``noise`` is given.
+    """
+    predict_x0(x, eps, recip, recipm1, clip, out, tmp)
+    posterior_mean(out, x, c1, c2, out, tmp)
+    if noise is not None:
+        np.multiply(noise, sigma, out=tmp, dtype=np.float64)
+        np.add(out, tmp, out=out)
+    return out
+
+
+def posterior_mean(x0, x, c1, c2, out, tmp):
+    """The mean of q(x_{t-1} | x_t, x_0), eq. (7): c1 x_0 + c2 x_t (``x0`` may be ``out``)."""
+    np.multiply(x0, c1, out=out, dtype=np.float64)
+    np.multiply(x, c2, out=tmp, dtype=np.float64)
+    np.add(out, tmp, out=out)
+    return out
+
+
+def ddim_update(x, eps, noise, recip, recipm1, c1, c2, sigma, clip, out, tmp):
+    """One DDIM step (Song et al. 2021) into ``out``.
+
+    1. x_0 from eps, clipped if ``clip``; 2. eps re-derived from the clipped x_0 so the
+    two agree; 3. eq. (12): c1 x_0 + c2 eps + sigma z with c1 = sqrt(ab_prev) and
+    c2 = sqrt(1 - ab_prev - sigma^2) (:meth:`Schedule.ddim_coefficients`).
+    """
+    predict_x0(x, eps, recip, recipm1, clip, out, tmp)
+    if clip is not None:
+        np.subtract(tmp, out, out=tmp)
+        np.divide(tmp, recipm1, out=tmp)
+        np.multiply(tmp, c2, out=tmp)
+    else:
+        np.multiply(eps, c2, out=tmp, dtype=np.float64)
+    np.multiply(out, c1, out=out)
+    np.add(out, tmp, out=out)
+    if noise is not None:
+        np.multiply(noise, sigma, out=tmp, dtype=np.float64)
+        np.add(out, tmp, out=out)
+    return out

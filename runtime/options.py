@@ -91,9 +91,10 @@ SPACING = Option("spacing", str, "linspace", "which timesteps --steps keeps",
 
 
 def _sampler_option() -> Option:
-    from .samplers import SAMPLERS
+    from .samplers import REGISTRY
 
-    return Option("sampler", str, "ddpm", "the sampling algorithm", choices=SAMPLERS)
+    # The registry as it is now: a sampler registered after import is a choice too.
+    return Option("sampler", str, "ddpm", "the sampling algorithm", choices=tuple(REGISTRY))
 
 
 def common() -> tuple[Option, ...]:

@@ -87,9 +87,10 @@ class Pipeline:
                 noise = ImageNoise(seed, range(first_index + start, first_index + stop))
                 run = Run(schedule, opts, (stop - start, *self.image_shape), noise,
                           clip_range=self.record.data_range)
+                t_run = t[:run.rows]
                 while not run.done:
-                    t[:run.rows] = run.t
-                    run.advance(self.eps_fn(run.x, t[:run.rows]))
+                    t_run.fill(run.t)
+                    run.advance(self.eps_fn(run.x, t_run))
                     steps_done += 1
                     if bar:
                         bar.update(1)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .options import SampleOptions
-from .samplers.base import make_sampler
+from .samplers.base import sampler_class
 from .samplers.noise import Noise, draw_noise
 from .schedule import Schedule
 
@@ -33,11 +33,11 @@ class Run:
     def __init__(self, schedule: Schedule, options: SampleOptions, shape: Sequence[int],
                  noise: Noise, *, clip_range=(-1.0, 1.0)):
         self.shape = tuple(int(s) for s in shape)
-        # Built first: it checks the shape and options before noise is drawn.
-        self.sampler = make_sampler(options.sampler, schedule, self.shape,
-                                    clip_x0=clip_range is not None,
-                                    clip_range=(-1.0, 1.0) if clip_range is None else clip_range,
-                                    **options.kwargs)
+        # Built first: it checks the shape before noise is drawn. The options were checked
+        # when SampleOptions was made, so the class is built without checking them again.
+        self.sampler = sampler_class(options.sampler)(
+            schedule, self.shape, clip_x0=clip_range is not None,
+            clip_range=(-1.0, 1.0) if clip_range is None else clip_range, **options.kwargs)
         self.noise = noise
         # Owned, C-contiguous float32: the sampler updates it in place.
         self.x = np.array(draw_noise(noise, self.shape), dtype=np.float32, order="C")

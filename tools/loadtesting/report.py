@@ -1,0 +1,84 @@
+"""The report: medians over repeats per mode, and the markdown table."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from .workload import WORKLOAD
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"Load test: {meta['model']}, {meta['cpu']} ({meta['cores']} cores, shared), "
+             f"ORT threads {meta['threads']}, max batch {meta['max_batch']}, "
+             f"steps scale {meta['steps_scale']}.", "",
+             "| mode | saturation images/s | vs serial | load req/s | short p50 / p95 / p99 s"
+             " | medium p95 s | long p95 s | images/s | busy | errors | lost | refused"
+             " | cancelled | batch fill |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = report["summary"].get("serial", {}).get("saturation_images_per_s", math.nan)
+
+    def p(c: dict, q: str) -> str:
+        return f"{c[q]:.2f}" if c.get("count") else "-"
+
+    for mode, s in report["summary"].items():
+        short = s["latency"]["short"]
+        lines.append(
+            f"| {mode} | {s['saturation_images_per_s']:.1f} | "
+            f"{s['saturation_images_per_s'] / base:.2f}x | {s['rate']:.2f} | "
+            f"{p(short, 'p50')} / {p(short, 'p95')} / {p(short, 'p99')} | "
+            f"{p(s['latency']['medium'], 'p95')} | {p(s['latency']['long'], 'p95')} | "
+            f"{s['images_per_s']:.1f} | {s['busy']:.2f} | {s['errors']} | {s['lost']} | "
+            f"{s['refused']} | "
+            f"{s['cancelled']} | {s['batch_fill']:.2f} |")
+    t = report["targets"]
+    lines += ["", f"Saturation throughput, batching / serial: {t['throughput_ratio']:.2f}x "
+              f"(target >= 1.3x). Short-request p95 at {meta['rate']:.2f} requests/s, "
+              f"batching / serial: {t['short_p95_ratio']:.3f} (target <= 0.2). "
+              f"Errors {t['errors']}, lost images {t['lost']} (target 0). Load columns are "
+              "the open-loop phase; busy = share of its wall time spent in network calls; "
+              "batch fill = mean rows per call / max batch."]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(runs: list[dict], modes) -> dict:
+    """Medians over repeats per mode; counts are summed."""
+    summary = {}
+    for mode in modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        load = [r["load"] for r in mine]
+        latency = {}
+        for cls in WORKLOAD:
+            per = [x["latency"][cls.name] for x in load if x["latency"][cls.name]["count"]]
+            latency[cls.name] = ({"count": sum(c["count"] for c in per),
+                                  **{q: float(np.median([c[q] for c in per]))
+                                     for q in ("p50", "p95", "p99")}} if per else {"count": 0})
+        summary[mode] = {
+            "saturation_images_per_s": float(np.median(
+                [r["saturation"]["images_per_s"] for r in mine])),
+            "rate": load[0]["rate"], "latency": latency,
+            "images_per_s": float(np.median([x["images_per_s"] for x in load])),
+            "errors": sum(x["outcomes"]["error"] + x["outcomes"]["unfinished"] for x in load)
+            + sum(r["saturation"]["errors"] for r in mine),
+            "lost": sum(x["outcomes"]["lost"] + (not x["server_agrees"]) for x in load),
+            "refused": sum(x["outcomes"]["refused"] for x in load),
+            "cancelled": sum(x["outcomes"]["cancelled"] for x in load),
+            "batch_fill": float(np.median([x["batch_fill"] for x in load])),
+            "busy": float(np.median([x["busy"] for x in load])),
+            "saturation_busy": float(np.median([r["saturation"]["busy"] for r in mine])),
+        }
+    return summary

@@ -1,7 +1,7 @@
 """What decides a request's images, declared once: the options schema and ``SampleOptions``.
 
 An :class:`Option` is a name, a type, a default and its bounds or choices. Three options
-belong to every request (``sampler``, ``steps``, ``spacing``, :data:`COMMON`); every other
+belong to every request (``sampler``, ``steps``, ``spacing``: :func:`common`); every other
 one is declared by the sampler that takes it, on its class (``Sampler.options``). From
 these declarations alone, :meth:`SampleOptions.make` checks what the Python API is given,
 :meth:`SampleOptions.from_json` what a server request carries, :func:`click_options`
@@ -111,10 +111,13 @@ def sampler_schemas() -> dict[str, tuple[Option, ...]]:
 
 def sampler_options() -> dict[str, Option]:
     """Every sampler option by name (the first declaration; :func:`check_schema` makes the
-    others agree), in registry order."""
+    others agree): the default sampler's first, then the others' in registry order, so an
+    echo lists ``variance`` before ``eta`` as it always has."""
+    schemas = sampler_schemas()
+    default = _sampler_option().default
     merged: dict[str, Option] = {}
-    for options in sampler_schemas().values():
-        for option in options:
+    for name in [default, *schemas]:
+        for option in schemas.get(name, ()):
             merged.setdefault(option.name, option)
     return merged
 

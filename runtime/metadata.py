@@ -15,10 +15,10 @@ from typing import Any
 
 from .errors import ModelFileError
 from .schedule import Schedule
+from .stepmath import PREDICTIONS
 
 METADATA_KEY = "ddpm"
 FORMAT_VERSION = 1
-PREDICTIONS = ("eps",)
 
 
 def sha256_file(path) -> str:
@@ -41,7 +41,7 @@ class ModelRecord:
     model_config: dict[str, Any]          # the network's hyper-parameters
     checkpoint_sha256: str                # digest of the checkpoint it came from
     weights: str                          # "ema" or "raw"
-    prediction: str = "eps"               # what the network outputs
+    prediction: str = "eps"               # what the network outputs: eps, v or x0
     train_step: int | None = None         # optimisation steps behind these weights
     flops_per_image: int | None = None    # one ε evaluation, counted at export
     exporter: dict[str, Any] = field(default_factory=dict)  # tool versions, opset

@@ -130,7 +130,7 @@ def check_schema(sampler: str, options: tuple[Option, ...],
                  others: Mapping[str, tuple[Option, ...]]) -> None:
     """At registration: an option name means one thing across samplers (its type and choices;
     defaults may differ), and none shadows a request field."""
-    reserved = {"sampler", "steps", "spacing", "n", "seed"}
+    reserved = {"sampler", "steps", "spacing", "n", "seed", "prediction"}
     for option in options:
         if not isinstance(option, Option):
             raise TypeError(f"sampler {sampler!r}: options must be runtime.options.Option, got "

@@ -15,6 +15,7 @@ from .metadata import ModelRecord
 from .options import SEED, N, SampleOptions
 from .run import Run
 from .samplers import ImageNoise
+from .stepmath import eps_from_output
 
 DEFAULT_BATCH = 64
 
@@ -40,6 +41,20 @@ class Pipeline:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.record.image_shape
+
+    def predict_eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The eps the network implies at float32 x [B, C, H, W] and t [B] (indices of the
+        full chain), whatever it predicts (``record.prediction``): for code that needs eps
+        at arbitrary t, such as the likelihood bound. ``eps_fn`` is the network itself."""
+        out = np.asarray(self.eps_fn(x, t))
+        if self.record.prediction == "eps":
+            return out
+        idx = np.asarray(t).astype(np.int64).reshape(-1, *([1] * (x.ndim - 1)))
+        eps = eps_from_output(self.record.prediction, x, out,
+                              self.schedule.sqrt_alphas_cumprod[idx],
+                              self.schedule.sqrt_one_minus_alphas_cumprod[idx],
+                              np.empty(x.shape, np.float64))
+        return eps.astype(np.float32)
 
     def sample_float(self, n: int, seed: int = 0, *, sampler: str = "ddpm",
                      steps: int | None = None, spacing: str = "linspace",
@@ -86,7 +101,8 @@ class Pipeline:
                 stop = min(start + batch, n)
                 noise = ImageNoise(seed, range(first_index + start, first_index + stop))
                 run = Run(schedule, opts, (stop - start, *self.image_shape), noise,
-                          clip_range=self.record.data_range)
+                          clip_range=self.record.data_range,
+                          prediction=self.record.prediction)
                 t_run = t[:run.rows]
                 while not run.done:
                     t_run.fill(run.t)

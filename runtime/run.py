@@ -20,6 +20,7 @@ from .options import SampleOptions
 from .samplers.base import sampler_class
 from .samplers.noise import Noise, draw_noise
 from .schedule import Schedule
+from .stepmath import PREDICTIONS, eps_from_output
 
 
 class Run:
@@ -27,11 +28,16 @@ class Run:
 
     ``noise``: a numpy Generator or :class:`~runtime.samplers.ImageNoise` (one stream per
     image); x_T is its first draw, then one draw per step that takes noise. The sampler
-    predicts x_0 clipped to ``clip_range`` (None: unclipped).
+    predicts x_0 clipped to ``clip_range`` (None: unclipped). ``prediction``: what the
+    network returns (the model record's ``prediction``: "eps", "v" or "x0"); the samplers
+    step on the eps it implies, computed here in float64.
     """
 
     def __init__(self, schedule: Schedule, options: SampleOptions, shape: Sequence[int],
-                 noise: Noise, *, clip_range=(-1.0, 1.0)):
+                 noise: Noise, *, clip_range=(-1.0, 1.0), prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; expected one of "
+                             f"{PREDICTIONS}")
         self.shape = tuple(int(s) for s in shape)
         # Built first: it checks the shape before noise is drawn. The options were checked
         # when SampleOptions was made, so the class is built without checking them again.
@@ -39,6 +45,9 @@ class Run:
             schedule, self.shape, clip_x0=clip_range is not None,
             clip_range=(-1.0, 1.0) if clip_range is None else clip_range, **options.kwargs)
         self.noise = noise
+        self.prediction = prediction
+        self.schedule = schedule
+        self._eps = None if prediction == "eps" else np.empty(self.shape, np.float64)
         # Owned, C-contiguous float32: the sampler updates it in place.
         self.x = np.array(draw_noise(noise, self.shape), dtype=np.float32, order="C")
 
@@ -63,11 +72,11 @@ class Run:
     def num_steps(self) -> int:
         return self.sampler.num_steps
 
-    def advance(self, eps: np.ndarray) -> None:
-        """One step with the network's ``eps`` for this run's rows: checked for shape and
-        NaN/inf (:class:`~runtime.errors.NonFiniteError` names the step), then ``x`` is
-        updated in place."""
-        eps = np.asarray(eps)
+    def advance(self, output: np.ndarray) -> None:
+        """One step with the network's output for this run's rows: checked for shape and
+        NaN/inf (:class:`~runtime.errors.NonFiniteError` names the step), turned into eps if
+        the network predicts v or x_0, then ``x`` is updated in place."""
+        eps = np.asarray(output)
         if eps.shape != self.shape:
             raise ValueError(f"the network returned shape {eps.shape}, expected {self.shape}")
         if not np.isfinite(eps).all():
@@ -76,4 +85,9 @@ class Run:
                 f"({self.steps_done + 1} of {self.num_steps}); check the model file and its "
                 "inputs")
         s = self.sampler
+        if self._eps is not None:
+            i = s.index
+            eps = eps_from_output(self.prediction, self.x, eps,
+                                  self.schedule.sqrt_alphas_cumprod[i],
+                                  self.schedule.sqrt_one_minus_alphas_cumprod[i], self._eps)
         s.step(self.x, eps, draw_noise(self.noise, self.shape) if s.needs_noise else None)

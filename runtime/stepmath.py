@@ -68,3 +68,29 @@ def ddim_update(x, eps, noise, recip, recipm1, c1, c2, sigma, clip, out, tmp):
         np.multiply(noise, sigma, out=tmp, dtype=np.float64)
         np.add(out, tmp, out=out)
     return out
+
+
+# What a network may predict (the model record's ``prediction``): the noise, the velocity
+# v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022), or x_0 itself.
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def eps_from_output(prediction: str, x, output, sqrt_ab, sqrt_1m_ab, out):
+    """The eps that ``output`` of a ``prediction`` network implies at x_t, into ``out``
+    (float64; coefficients scalars or per row). With x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps:
+      v:  eps = sqrt(ab) v + sqrt(1 - ab) x_t
+      x0: eps = (x_t - sqrt(ab) x_0) / sqrt(1 - ab)
+    """
+    if prediction == "v":  # as sqrt(1 - ab) (x_t + v sqrt(ab) / sqrt(1 - ab)): no temporary
+        np.multiply(output, sqrt_ab / sqrt_1m_ab, out=out, dtype=np.float64)
+        np.add(out, x, out=out, dtype=np.float64)
+        np.multiply(out, sqrt_1m_ab, out=out)
+    elif prediction == "x0":
+        np.multiply(output, sqrt_ab, out=out, dtype=np.float64)
+        np.subtract(x, out, out=out, dtype=np.float64)
+        np.divide(out, sqrt_1m_ab, out=out)
+    elif prediction == "eps":
+        np.copyto(out, output, casting="same_kind")
+    else:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    return out

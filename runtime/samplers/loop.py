@@ -14,7 +14,8 @@ EpsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def sample(eps_fn: EpsFn, schedule: Schedule, shape: Sequence[int], rng: Noise, *,
            sampler: str = "ddpm", clip_x0: bool = True, clip_range=(-1.0, 1.0),
-           callback: Callable[[int, np.ndarray], None] | None = None, **options) -> np.ndarray:
+           callback: Callable[[int, np.ndarray], None] | None = None,
+           prediction: str = "eps", **options) -> np.ndarray:
     """Draw x_0 of ``shape`` by running ``schedule`` (full or respaced) from x_T ~ N(0, I).
 
     ``sampler`` is a registered name (``runtime.samplers.SAMPLERS``); ``options`` are the
@@ -24,12 +25,14 @@ def sample(eps_fn: EpsFn, schedule: Schedule, shape: Sequence[int], rng: Noise, 
     T-step indices, also on a respaced chain. Noise order per stream: x_T first, then one
     draw per step that takes noise. ``callback(i, x)`` runs after each step with the steps
     done so far; ``x`` is the state, updated in place by the next step: copy it to keep it.
+    ``prediction``: what ``eps_fn`` returns, "eps" (the default), "v" or "x0".
     """
     from ..options import SampleOptions
     from ..run import Run
 
     opts = SampleOptions.make(sampler, **options)
-    run = Run(schedule, opts, shape, rng, clip_range=clip_range if clip_x0 else None)
+    run = Run(schedule, opts, shape, rng, clip_range=clip_range if clip_x0 else None,
+              prediction=prediction)
     t_model = np.empty(run.rows, np.float32)
     while not run.done:
         t_model.fill(run.t)

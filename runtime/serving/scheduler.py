@@ -81,10 +81,11 @@ class Job:
 class _Group:
     """A slice [lo, hi) of one job's images, stepped together by one :class:`Run`."""
 
-    def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, clip_range):
+    def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, record: ModelRecord):
         self.job, self.lo, self.hi = job, lo, hi
         self.run = Run(schedule, job.options, (hi - lo, *job._image_shape),
-                       ImageNoise(job.seed, range(lo, hi)), clip_range=clip_range)
+                       ImageNoise(job.seed, range(lo, hi)), clip_range=record.data_range,
+                       prediction=record.prediction)
 
     @property
     def rows(self) -> int:
@@ -280,7 +281,7 @@ class BatchScheduler:
                 job._out = np.empty((job.n, *self.image_shape), np.float32)
             if job.status == "running":
                 schedule = self._schedule(job.options)
-                self._groups.append(_Group(job, lo, hi, schedule, self.record.data_range))
+                self._groups.append(_Group(job, lo, hi, schedule, self.record))
 
     def _drop_cancelled(self) -> None:
         with self._lock:

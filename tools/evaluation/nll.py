@@ -38,7 +38,7 @@ def run_nll(pipe, evaluator_or_images, n_images: int, *, seed: int, batch_size: 
     start = time.perf_counter()
     try:
         for s in range(0, len(x0), batch_size):
-            parts.append(bits_per_dim(pipe.eps_fn, pipe.schedule, x0[s:s + batch_size], rng,
+            parts.append(bits_per_dim(pipe.predict_eps, pipe.schedule, x0[s:s + batch_size], rng,
                                       data_range=rec.data_range, num_levels=rec.num_levels,
                                       variance=variance,
                                       callback=(lambda *_: bar.update(1)) if bar else None))

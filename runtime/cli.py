@@ -73,10 +73,10 @@ def _sampling_options(fn):
     return fn
 
 
-def _options(sampling: dict) -> SampleOptions:
-    """The generated flags' values as checked options: a flag given for a sampler that does
-    not take it is one line naming it (before the model loads)."""
-    return SampleOptions.make(**{k: v for k, v in sampling.items() if v is not None})
+def _options(sampling: dict, defaults=None) -> SampleOptions:
+    """The generated flags' values as checked options, what is not given from the model's
+    ``defaults``: a flag given for a sampler that does not take it is one line naming it."""
+    return SampleOptions.make(**sampling, defaults=defaults)
 
 
 @main.command("sample")
@@ -97,8 +97,9 @@ def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, de
     from .images import PNG_CHANNELS, make_grid, png_bytes
     from .pipeline import load
 
-    options = _options(sampling)
+    _options(sampling)  # a bad flag is one line before the model loads
     with load(model, backend=backend, device=device, threads=threads) as pipe:
+        options = _options(sampling, pipe.record.defaults)
         each_png = _check_outputs(out, npz, each, n, inputs=[model])
         if pipe.image_shape[0] not in PNG_CHANNELS:
             raise click.UsageError(f"{model}: images of {pipe.image_shape[0]} channels cannot "
@@ -207,13 +208,14 @@ def bulk_cmd(model, n, seed, out, shard_size, ray_address, workers, progress, ba
     from .scale.cluster import import_ray
     from .scale.shards import BulkJob, check_job_size
 
-    options = _options(sampling)
+    _options(sampling)  # a bad flag is one line before Ray starts or the model loads
     check_job_size(n, shard_size)
     threads = threads or 1
     load_kwargs = {"backend": backend, "device": device}
     import_ray()
     # Fail here, in a second, on a bad model or options, not on every worker later.
     with load(model, threads=1, **load_kwargs) as pipe:
+        options = _options(sampling, pipe.record.defaults)
         options = options.with_steps(options.steps or pipe.record.num_timesteps)
         options.respace(pipe.schedule)
         image_shape = pipe.image_shape

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import ModelFileError
+from .options import SampleOptions, sampler_options
 from .schedule import Schedule
 from .stepmath import PREDICTIONS
 
@@ -40,8 +41,10 @@ class ModelRecord:
     num_levels: int                       # quantisation levels of the data: 17 digits, 256 8-bit
     model_config: dict[str, Any]          # the network's hyper-parameters
     checkpoint_sha256: str                # digest of the checkpoint it came from
-    weights: str                          # "ema" or "raw"
+    weights: str                          # "ema", "raw", or "imported" (another tool's file)
     prediction: str = "eps"               # what the network outputs: eps, v or x0
+    clip_x0: bool = True                  # samplers clip predicted x_0 to data_range
+    defaults: dict[str, Any] = field(default_factory=dict)  # this model's sampling defaults
     train_step: int | None = None         # optimisation steps behind these weights
     flops_per_image: int | None = None    # one ε evaluation, counted at export
     exporter: dict[str, Any] = field(default_factory=dict)  # tool versions, opset
@@ -84,7 +87,9 @@ class ModelRecord:
             for name in ("train_step", "flops_per_image"):
                 if data.get(name) is not None:
                     kwargs[name] = check_integer(data[name], name, 0, None)
-            for name in ("model_config", "exporter"):
+            if "clip_x0" in data and not isinstance(data["clip_x0"], bool):
+                raise ValueError(f"clip_x0 must be true or false, got {_kind(data['clip_x0'])}")
+            for name in ("model_config", "exporter", "defaults"):
                 if name in data and not isinstance(data[name], dict):
                     raise ValueError(f"{name} must be an object, got {_kind(data[name])}")
             for name in ("checkpoint_sha256", "weights", "prediction"):
@@ -119,13 +124,25 @@ class ModelRecord:
         if self.prediction not in PREDICTIONS:
             raise ModelFileError(f"{source}: prediction {self.prediction!r} is not supported; "
                                  f"this runtime samples {PREDICTIONS} models")
-        if self.weights not in ("ema", "raw"):
-            raise ModelFileError(f"{source}: weights must be 'ema' or 'raw', got {self.weights!r}")
+        if self.weights not in WEIGHTS:
+            raise ModelFileError(f"{source}: weights must be one of {WEIGHTS}, got "
+                                 f"{self.weights!r}")
         try:
-            self.build_schedule()
+            schedule = self.build_schedule()
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: invalid schedule in the '{METADATA_KEY}' record "
                                  f"({err})") from None
+        try:  # the options schema checks them, and the chain must hold their steps
+            SampleOptions.make(defaults=self.defaults).respace(schedule)
+            known = sampler_options()
+            unknown = sorted(set(self.defaults) - {"sampler", "steps", "spacing", *known})
+            if unknown:
+                raise ValueError(f"unknown options {unknown}")
+            for name in set(self.defaults) & set(known):  # also those of other samplers
+                known[name].check(self.defaults[name])
+        except ValueError as err:
+            raise ModelFileError(f"{source}: invalid sampling defaults in the '{METADATA_KEY}' "
+                                 f"record ({err}); re-export the model") from None
 
 
 # === Field checks shared by the record and the training checkpoint ===
@@ -135,7 +152,9 @@ MAX_TIMESTEPS = 100_000
 MAX_IMAGE_SIDE = 4096
 MAX_CHANNELS = 4
 MAX_LEVELS = 65_536
-SCHEDULE_PARAMS = {"linear": ("beta_start", "beta_end"), "cosine": ("s", "max_beta")}
+WEIGHTS = ("ema", "raw", "imported")
+SCHEDULE_PARAMS = {"linear": ("beta_start", "beta_end"), "cosine": ("s", "max_beta"),
+                   "scaled_linear": ("beta_start", "beta_end"), "explicit": ("betas",)}
 
 
 def _kind(value: Any) -> str:
@@ -203,9 +222,18 @@ def check_schedule_config(value: Any) -> dict[str, Any]:
               "num_timesteps": check_integer(value["num_timesteps"], "schedule num_timesteps", 1,
                                         MAX_TIMESTEPS)}
     for name in SCHEDULE_PARAMS[kind]:
-        if name in value:
+        if name == "betas":
+            config[name] = _betas(value.get(name), config["num_timesteps"])
+        elif name in value:
             config[name] = _real(value[name], f"schedule {name}")
     return config
+
+
+def _betas(value: Any, num_timesteps: int) -> list[float]:
+    if not isinstance(value, list) or len(value) != num_timesteps:
+        raise ValueError(f"an explicit schedule's betas must be a list of num_timesteps "
+                         f"({num_timesteps}) numbers")
+    return [_real(b, "schedule betas") for b in value]
 
 
 def check_format_version(version: Any, current: int, source: str, what: str, fix: str,

@@ -159,14 +159,19 @@ class SampleOptions:
     params: tuple[tuple[str, Any], ...] = field(default=())
 
     @classmethod
-    def make(cls, sampler: str = "ddpm", steps: int | None = None,
-             spacing: str = "linspace", **params) -> SampleOptions:
-        """Check every option. An option the sampler does not take must be None or the
-        default of the sampler that does (so one set of flags serves every sampler)."""
+    def make(cls, sampler: str | None = None, steps: int | None = None,
+             spacing: str | None = None, *, defaults: Mapping[str, Any] | None = None,
+             **params) -> SampleOptions:
+        """Check every option; None means "not given". What is not given comes from
+        ``defaults`` (a model's own, its record's ``defaults``), then from the schema. An
+        option given for a sampler that does not take it must be None or the default of the
+        sampler that does (so one set of flags serves every sampler); a model default the
+        chosen sampler does not take is left out."""
+        base = dict(defaults or {})
         sampler_opt, steps_opt, spacing_opt = common()
-        sampler = sampler_opt.check(sampler)
-        steps = steps_opt.check(steps)
-        spacing = spacing_opt.check(spacing)
+        sampler = sampler_opt.check(_given(sampler, base.get("sampler"), sampler_opt.default))
+        steps = steps_opt.check(_given(steps, base.get("steps"), None))
+        spacing = spacing_opt.check(_given(spacing, base.get("spacing"), spacing_opt.default))
         own = {o.name: o for o in sampler_schemas()[sampler]}
         known = sampler_options()
         for name, value in params.items():
@@ -179,17 +184,19 @@ class SampleOptions:
             if known[name].check(value) != known[name].default:
                 raise OptionError(name, f"{name} does not apply to the {sampler} sampler (only "
                                   f"to {', '.join(takers(name))})")
-        checked = tuple((name, option.check(option.default if params.get(name) is None
-                                            else params[name]))
+        checked = tuple((name, option.check(_given(params.get(name), base.get(name),
+                                                   option.default)))
                         for name, option in own.items())
         return cls(sampler, steps, spacing, checked)
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> SampleOptions:
+    def from_json(cls, body: Mapping[str, Any], *,
+                  defaults: Mapping[str, Any] | None = None) -> SampleOptions:
         """The options in a decoded JSON request (other fields ignored); a missing or null
-        field takes its default."""
+        field takes the model's default, then the schema's."""
         names = [o.name for o in common()] + list(sampler_options())
-        return cls.make(**{k: body[k] for k in names if body.get(k) is not None})
+        return cls.make(**{k: body[k] for k in names if body.get(k) is not None},
+                        defaults=defaults)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -222,11 +229,17 @@ class SampleOptions:
             raise OptionError("spacing", str(err)) from None
 
 
+def _given(value, model_default, schema_default):
+    if value is not None:
+        return value
+    return model_default if model_default is not None else schema_default
+
+
 def click_options(fn):
     """Decorate a click command with one flag per option (common, then each sampler option).
 
-    Sampler options default to None ("not given"), so :meth:`SampleOptions.make` can tell
-    a flag given for another sampler from one left alone.
+    Every flag defaults to None ("not given"), so :meth:`SampleOptions.make` can tell a flag
+    given for another sampler from one left alone, and fill in the model's defaults.
     """
     import click
 
@@ -244,9 +257,10 @@ def click_options(fn):
         return click.option(f"--{option.name.replace('_', '-')}", option.name, **kwargs)
 
     sampler_opt, steps_opt, spacing_opt = common()
-    flags = [flag(sampler_opt, "ddpm", f"{sampler_opt.help} [default: ddpm]"),
+    flags = [flag(sampler_opt, None, f"{sampler_opt.help} (default: the model's, else ddpm)"),
              flag(steps_opt, None, steps_opt.help),
-             flag(spacing_opt, "linspace", f"{spacing_opt.help} [default: linspace]")]
+             flag(spacing_opt, None, f"{spacing_opt.help} (default: the model's, else "
+                                     "linspace)")]
     for name, option in sampler_options().items():
         flags.append(flag(option, None, f"{option.help} ({', '.join(takers(name))} only; "
                                         f"default {option.default})"))

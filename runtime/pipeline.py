@@ -56,8 +56,8 @@ class Pipeline:
                               np.empty(x.shape, np.float64))
         return eps.astype(np.float32)
 
-    def sample_float(self, n: int, seed: int = 0, *, sampler: str = "ddpm",
-                     steps: int | None = None, spacing: str = "linspace",
+    def sample_float(self, n: int, seed: int = 0, *, sampler: str | None = None,
+                     steps: int | None = None, spacing: str | None = None,
                      batch_size: int | None = None, progress: bool = True,
                      callback: Callable[[int, int], bool | None] | None = None,
                      cancel=None, first_index: int = 0, **options) -> np.ndarray:
@@ -66,14 +66,17 @@ class Pipeline:
         ``sampler``: a name in ``runtime.samplers.SAMPLERS``; ``steps`` network calls
         (default all T) at timesteps chosen by ``spacing`` (see ``Schedule.respaced``);
         ``options``: the sampler's own (``variance`` for ddpm, ``eta`` for ddim; see
-        ``runtime.options``). ``callback(step, total)`` runs after each network call
-        (``total`` counts the steps of every batch); returning False cancels. ``cancel``: a
-        token such as a ``threading.Event``, checked before each step. A cancelled call
-        stops within one step and raises :class:`~runtime.errors.Cancelled`; the pipeline
-        stays usable. ``first_index``: draw images first_index .. first_index + n - 1 of the
-        seed, so that a range of a large job can be sampled on its own (``bulk``).
+        ``runtime.options``). What is not given (None) takes the model's default (its
+        record's ``defaults``), then ddpm, all T steps, linspace and the samplers' own.
+        ``callback(step, total)`` runs after each network call (``total`` counts the steps
+        of every batch); returning False cancels. ``cancel``: a token such as a
+        ``threading.Event``, checked before each step. A cancelled call stops within one
+        step and raises :class:`~runtime.errors.Cancelled`; the pipeline stays usable.
+        ``first_index``: draw images first_index .. first_index + n - 1 of the seed, so that
+        a range of a large job can be sampled on its own (``bulk``).
         """
-        opts = SampleOptions.make(sampler, steps, spacing, **options)
+        opts = SampleOptions.make(sampler, steps, spacing, defaults=self.record.defaults,
+                                  **options)
         self._check_request(n, seed, BYTES_PER_VALUE_FLOAT)
         check_int(first_index, "first_index", minimum=0)
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
@@ -101,7 +104,7 @@ class Pipeline:
                 stop = min(start + batch, n)
                 noise = ImageNoise(seed, range(first_index + start, first_index + stop))
                 run = Run(schedule, opts, (stop - start, *self.image_shape), noise,
-                          clip_range=self.record.data_range,
+                          clip_range=self.record.data_range if self.record.clip_x0 else None,
                           prediction=self.record.prediction)
                 t_run = t[:run.rows]
                 while not run.done:

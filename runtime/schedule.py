@@ -19,6 +19,7 @@ from .stepmath import ancestral_update, ddim_update, posterior_mean, predict_x0
 
 VARIANCES = ("fixedlarge", "fixedsmall")
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
+SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "explicit")
 
 
 class Schedule:
@@ -48,7 +49,8 @@ class Schedule:
         self.timesteps = timesteps
         self.num_timesteps = int(betas.size)
         # What rebuilds this schedule in another process (checkpoint, ONNX metadata).
-        self.config = dict(config) if config is not None else {"kind": "explicit"}
+        self.config = dict(config) if config is not None else {
+            "kind": "explicit", "num_timesteps": int(betas.size), "betas": betas.tolist()}
 
         # === Forward process q(x_t | x_0) ===
         self.alphas = 1.0 - betas
@@ -95,6 +97,17 @@ class Schedule:
         return cls(betas, config=config)
 
     @classmethod
+    def scaled_linear(cls, num_timesteps: int = 1000, *, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> Schedule:
+        """sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (diffusers'
+        "scaled_linear", the latent-diffusion schedule)."""
+        check_int(num_timesteps, "num_timesteps")
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+        config = {"kind": "scaled_linear", "num_timesteps": int(num_timesteps),
+                  "beta_start": float(beta_start), "beta_end": float(beta_end)}
+        return cls(betas, config=config)
+
+    @classmethod
     def cosine(cls, num_timesteps: int = 1000, *, s: float = 0.008,
                max_beta: float = 0.999) -> Schedule:
         """Improved DDPM's cosine schedule: ab(t) = f(t) / f(0),
@@ -117,10 +130,18 @@ class Schedule:
         params = {k: v for k, v in config.items() if k not in ("kind", "respaced", "spacing")}
         if kind == "linear":
             schedule = cls.linear(**params)
+        elif kind == "scaled_linear":
+            schedule = cls.scaled_linear(**params)
         elif kind == "cosine":
             schedule = cls.cosine(**params)
+        elif kind == "explicit":  # betas listed (a trained or imported schedule)
+            betas = params.get("betas")
+            if betas is None or len(betas) != params.get("num_timesteps"):
+                raise ValueError("an explicit schedule lists num_timesteps betas")
+            schedule = cls(betas, config={"kind": "explicit", "num_timesteps": len(betas),
+                                          "betas": [float(b) for b in betas]})
         else:
-            raise ValueError(f"unknown schedule kind {kind!r}; expected 'linear' or 'cosine'")
+            raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
         if "respaced" in config:
             schedule = schedule.respaced(int(config["respaced"]),
                                          config.get("spacing", "linspace"))

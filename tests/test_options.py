@@ -140,3 +140,25 @@ def test_request_fields_and_common_options_are_checked_once():
     with pytest.raises(OptionError, match="steps must be at most the model's 100"):
         options.with_steps(101).respace(RECORD.build_schedule())
     assert options.respace(RECORD.build_schedule()).num_timesteps == 10
+
+
+def test_a_models_defaults_fill_what_a_request_leaves_out():
+    record = ModelRecord(**{**RECORD.__dict__, "defaults": {"sampler": "ddim", "steps": 7,
+                                                            "eta": 0.5, "variance": "fixedsmall"}})
+    pipe = Pipeline(eps_fn, record, source="numpy", backend_name="numpy")
+    plain = Pipeline(eps_fn, RECORD, source="numpy", backend_name="numpy")
+    got = pipe.sample_float(2, 3, progress=False)
+    np.testing.assert_array_equal(got, plain.sample_float(2, 3, sampler="ddim", steps=7,
+                                                          eta=0.5, progress=False))
+    # What the request gives wins; the model's variance applies to ddpm only.
+    np.testing.assert_array_equal(
+        pipe.sample_float(2, 3, sampler="ddpm", steps=4, progress=False),
+        plain.sample_float(2, 3, sampler="ddpm", steps=4, variance="fixedsmall", progress=False))
+    options = SampleOptions.from_json({"n": 2}, defaults=record.defaults)
+    assert options.to_dict() == {"sampler": "ddim", "steps": 7, "spacing": "linspace",
+                                 "variance": "fixedlarge", "eta": 0.5}
+    scheduler = BatchScheduler(eps_fn, record, max_batch=4)
+    job = scheduler.submit(2, 3)  # no options at all: the model's
+    while scheduler.tick():
+        pass
+    np.testing.assert_array_equal(job.result(timeout=0), got)

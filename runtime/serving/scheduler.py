@@ -84,7 +84,8 @@ class _Group:
     def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, record: ModelRecord):
         self.job, self.lo, self.hi = job, lo, hi
         self.run = Run(schedule, job.options, (hi - lo, *job._image_shape),
-                       ImageNoise(job.seed, range(lo, hi)), clip_range=record.data_range,
+                       ImageNoise(job.seed, range(lo, hi)),
+                       clip_range=record.data_range if record.clip_x0 else None,
                        prediction=record.prediction)
 
     @property
@@ -157,7 +158,9 @@ class BatchScheduler:
                job_id: str | None = None) -> Job:
         """Queue a request. Raises :class:`OptionError` for a bad field,
         :class:`RequestIdInUse`, :class:`QueueFull` or :class:`ShuttingDown`."""
-        options = self.check(n, seed, SampleOptions.make() if options is None else options)
+        if options is None:
+            options = SampleOptions.make(defaults=self.record.defaults)
+        options = self.check(n, seed, options)
         self._schedule(options)  # built now: a bad one never reaches a tick
         job = Job(n, seed, options, self.image_shape, on_progress, on_done, job_id)
         with self._lock:

@@ -106,8 +106,9 @@ def _parse_int(text: str) -> int:
     return huge
 
 
-def parse_request(body) -> dict:
-    """The request's fields, typed and defaulted; BadRequest names the first bad one."""
+def parse_request(body, defaults=None) -> dict:
+    """The request's fields, typed and defaulted (sampling options from the model's
+    ``defaults``, then the schema's); BadRequest names the first bad one."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"n\": 4, \"seed\": 0}")
     fields = {"n", "seed", *option_names(), *REQUEST_FIELDS}
@@ -117,7 +118,8 @@ def parse_request(body) -> dict:
     try:
         if body.get("n", 1) is None:
             raise OptionError("n", "n must be an integer, got None", kind="type")
-        req = {"n": N.check(body.get("n", 1)), "options": SampleOptions.from_json(body)}
+        req = {"n": N.check(body.get("n", 1)),
+               "options": SampleOptions.from_json(body, defaults=defaults)}
         seed = body.get("seed")
         # No seed: one is drawn and echoed, so the images can be made again.
         req["seed"] = secrets.randbits(63) if seed is None else SEED.check(seed)
@@ -226,7 +228,7 @@ def create_app(scheduler: BatchScheduler, model_info: dict) -> Starlette:
 
     async def samples(request: Request) -> Response:
         try:
-            req = parse_request(await read_json(request))
+            req = parse_request(await read_json(request), scheduler.record.defaults)
         except BadRequest as err:
             invalid["count"] += 1
             return error(err.code, str(err), field=err.field)

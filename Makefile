@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[train,eval,serve,ray,dev]'
+	$(PY) -m pip install -q -e '.[train,import,eval,serve,ray,dev]'
 	touch $@
 
 # Train on the embedded digits (resuming an interrupted run; a finished one is kept), export

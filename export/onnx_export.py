@@ -303,6 +303,36 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
     flops = count_flops(model, ckpt["data"]["image_shape"])
     record = make_record(ckpt, sha256=sha256_file(ckpt_path), weights=weights, flops=flops,
                          exporter=exporter)
+    check = write_verified(model, record, out_path, tolerance=tolerance,
+                           batch_sizes=batch_sizes, exporter=exporter)
+    return out_path, record, check
+
+
+def export_diffusers(folder, out_path, *, scheduler=None, tolerance: float = DEFAULT_TOLERANCE,
+                     batch_sizes=(1, 5), exporter: str = DEFAULT_EXPORTER,
+                     ) -> tuple[Path, ModelRecord, Verification]:
+    """A diffusers DDPM folder -> ONNX file with metadata, verified against diffusers'
+    own forward (:mod:`export.diffusers_import`), written as :func:`export_checkpoint`
+    writes."""
+    from export.diffusers_import import load_folder
+
+    out_path = Path(out_path)
+    imported = load_folder(folder, scheduler=scheduler)
+    for path in (out_path, unverified_path(out_path)):
+        check_output(path, inputs=imported.inputs, option="-o/--out")
+    flops = count_flops(imported.network, imported.record.image_shape)
+    record = dataclasses.replace(imported.record, flops_per_image=flops,
+                                 exporter=exporter_info(exporter))
+    check = write_verified(imported.network, record, out_path, tolerance=tolerance,
+                           batch_sizes=batch_sizes, exporter=exporter)
+    return out_path, record, check
+
+
+def write_verified(model: torch.nn.Module, record: ModelRecord, out_path: Path, *,
+                   tolerance: float, batch_sizes, exporter: str) -> Verification:
+    """Write ``model`` as ONNX to a temporary beside ``out_path``, verify it against
+    ``model`` there, and rename it only if it passes (else keep it as *.unverified.onnx and
+    raise ExportError)."""
     with atomic_output(out_path) as tmp:
         tmp.write_bytes(to_onnx_bytes(model, record, exporter=exporter))
         check = verify_onnx(model, tmp, batch_sizes=batch_sizes, tolerance=tolerance)
@@ -312,4 +342,4 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
             raise ExportError(f"{bad}: ONNX output differs from torch ({check}); the file is "
                               f"kept for inspection but must not be deployed ({out_path} is "
                               "unchanged)")
-    return out_path, record, check
+    return check

@@ -1,4 +1,4 @@
-"""`python export/to_trt.py CKPT|MODEL.onnx [-o model.plan]`: ONNX, then a TensorRT engine.
+"""`python export/to_trt.py CKPT|FOLDER|MODEL.onnx [-o model.plan]`: ONNX, then an engine.
 
 Also runs as a module: `python -m export.to_trt`.
 
@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 
-from export.to_onnx import export_options, run_export  # noqa: E402
+from export.to_onnx import default_out, export_options, run_export  # noqa: E402
 from runtime.sidecar import sidecar_path  # noqa: E402
 from runtime.util.clierrors import finite_float, guarded_command  # noqa: E402
 from runtime.util.fileio import check_output  # noqa: E402
@@ -26,7 +26,7 @@ EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failur
 
 
 @click.command(cls=guarded_command(), context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="engine file (default: model.plan beside SOURCE); its sidecar is OUT.json")
 @click.option("--fp16", "precision", flag_value="fp16", help="reduced precision: fp16")
@@ -43,15 +43,15 @@ EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failur
 @export_options
 def main(source: Path, out: Path | None, precision: str | None, min_batch: int, opt_batch: int,
          max_batch: int, workspace: float | None, timing_cache: Path | None, device_id: int,
-         raw_weights: bool, tolerance: float | None, exporter: str):
-    """Build a TensorRT engine from SOURCE: a checkpoint (exported to ONNX first) or an
-    ONNX file written by export/to_onnx.py."""
+         raw_weights: bool, scheduler: Path | None, tolerance: float | None, exporter: str):
+    """Build a TensorRT engine from SOURCE: a checkpoint or a diffusers DDPM folder (exported
+    to ONNX first), or an ONNX file written by export/to_onnx.py."""
     precision = precision or "fp32"
     if not min_batch <= opt_batch <= max_batch:
         raise click.BadParameter(f"need --min-batch <= --opt-batch <= --max-batch, got "
                                  f"{min_batch}, {opt_batch}, {max_batch}",
                                  param_hint="--opt-batch")
-    out = out or source.with_name("model.plan")
+    out = out or default_out(source, "model.plan")
     if out.suffix.lower() == ".onnx":
         # From a checkpoint the ONNX file is written to OUT with .onnx: the engine would
         # replace the verified model it was built from.
@@ -68,7 +68,7 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
         check_output(timing_cache, inputs=[source, onnx_path, out, sidecar_path(out)],
                      option="--timing-cache")
     if not from_onnx:
-        run_export(source, onnx_path, raw_weights, tolerance, exporter)
+        run_export(source, onnx_path, raw_weights, tolerance, exporter, scheduler)
 
     from export.trt_build import build_engine, verify_engine
     from runtime.backends.ort import read_record

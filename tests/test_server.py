@@ -125,6 +125,8 @@ def test_images_equal_a_local_pipeline_in_every_format(server, local):
     assert ticks < sum(r["steps"] * -(-r["n"] // 8) for r in REQUESTS) or len(REQUESTS) == 1
 
 
+HUGE = b"9" * 5000
+# (method, path, body, status[, the field the error names])
 BAD = [
     ("POST", "/v1/samples", b"{not json", 400),
     ("POST", "/v1/samples", b"[1, 2]", 400),
@@ -146,7 +148,15 @@ BAD = [
     ("POST", "/v1/samples", b'{"n": 1, "format": "gif"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "stream": "yes"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "id": "../x"}', 400),
-    ("POST", "/v1/samples", b'{"n": 1, "seed": 99999999999999999999999}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": 99999999999999999999999}', 422, "seed"),
+    # Longer than Python converts (4300 digits): a 4xx naming the field, never a 500.
+    ("POST", "/v1/samples", b'{"n": ' + HUGE + b"}", 422, "n"),
+    ("POST", "/v1/samples", b'{"n": -' + HUGE + b"}", 422, "n"),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": ' + HUGE + b"}", 422, "seed"),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": -' + HUGE + b"}", 422, "seed"),
+    ("POST", "/v1/samples", b'{"n": 1, "steps": ' + HUGE + b"}", 422, "steps"),
+    ("POST", "/v1/samples", b'{"n": 1, "sampler": "ddim", "eta": ' + HUGE + b"}", 422, "eta"),
+    ("POST", "/v1/samples", b'{"n": 1, "stream": ' + HUGE + b"}", 400, "stream"),
     ("POST", "/v1/samples", b"\xff\xfe", 400),
     ("POST", "/v1/samples", b"[" * 16000, 400),
     ("POST", "/v1/samples", b'{"n": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
@@ -157,11 +167,18 @@ BAD = [
 
 
 def test_every_bad_request_gets_a_4xx_json_error(server):
-    for method, path, raw, want in BAD:
+    from runtime.serving.server import ERROR_CODES
+
+    for method, path, raw, want, *field in BAD:
         status, headers, body = server.request(method, path, raw=raw)
-        assert status == want, (raw, status, body)
+        assert status == want, (raw[:80] if raw else raw, status, body[:300])
         assert headers["content-type"].startswith("application/json"), (raw, headers)
-        assert "error" in json.loads(body) and b"Traceback" not in body
+        error = json.loads(body)
+        assert "error" in error and b"Traceback" not in body
+        assert ERROR_CODES[error["code"]][0] == status, error
+        if field:
+            assert error.get("field") == field[0], (raw[:80], error)
+            assert "digits" in error["error"] or raw.count(b"9") < 100, error
     assert server.request("GET", "/healthz")[0] == 200
     assert server.metrics()["ddpm_requests_total{outcome=invalid}"] >= 19
 

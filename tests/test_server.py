@@ -79,6 +79,9 @@ def test_health_model_and_metrics(server, local):
     info = json.loads(body)
     assert status == 200 and info["record"] == json.loads(local.record.to_json())
     assert info["limits"]["max_batch"] == 8 and info["limits"]["max_n"] == 16
+    # The file's name, not where it lives on the server.
+    assert info["source"] == local.source.rsplit("/", 1)[-1] == "tiny.onnx"
+    assert str(Path(local.source).parent).encode() not in body
     metrics = server.metrics()
     for name in ("ddpm_queue_requests", "ddpm_images_in_flight", "ddpm_batch_fill",
                  "ddpm_network_seconds_total", "ddpm_requests_total{outcome=done}"):

@@ -26,6 +26,7 @@ import secrets
 import signal
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -399,7 +400,8 @@ def build_app(pipe, *, max_batch: int, max_queue: int, max_n: int, max_steps: in
     scheduler = scheduler_cls(pipe.eps_fn, pipe.record, max_batch=max_batch,
                               max_queue=max_queue, max_n=max_n, max_steps=max_steps,
                               batching=batching)
-    info = {"record": json.loads(pipe.record.to_json()), "source": pipe.source,
+    # The file name only: where the model lives on the server is no client's business.
+    info = {"record": json.loads(pipe.record.to_json()), "source": Path(pipe.source).name,
             "backend": pipe.backend_name,
             "limits": {"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
                        "max_steps": scheduler.max_steps, "batching": batching}}

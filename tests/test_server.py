@@ -320,26 +320,30 @@ def _read_until_closed(sock: socket.socket, deadline: float) -> tuple[bytes, boo
 @needs_serve
 def test_slow_and_idle_clients_cost_only_themselves(tiny_onnx):
     """80 connections that do no work (silent, slowloris headers, a body that never ends,
-    idle keep-alive) from 10 other clients: /healthz and a real POST still answer, an 9th
-    connection from one of them is refused, and the server closes them all within its
-    bounds. (Before, uvicorn's limit_concurrency, max queue + batch + 64 = 70 here, counted
-    them and answered 503 to everyone.)"""
+    idle keep-alive, idle after an Upgrade) from 10 other clients: /healthz and a real POST
+    still answer, a 9th connection from one of them is refused, and the server closes them
+    all within its bounds. (Before, uvicorn's limit_concurrency, max queue + batch + 64 = 70
+    here, counted them and answered 503 to everyone.)"""
     limit, bound = 8, 1.0
     srv = Server(tiny_onnx, "--max-batch", "2", "--max-queue", "4",
                  "--header-timeout", str(bound), "--body-timeout", str(bound),
                  "--keep-alive", str(bound), "--max-client-connections", str(limit))
     slow: list[tuple[str, socket.socket]] = []
     try:
-        kinds = ("silent", "headers", "body", "keep-alive")
+        kinds = ("silent", "headers", "body", "keep-alive", "upgrade")
         for k in range(80):
-            kind, sock = kinds[k % 4], _connect(srv.port, f"127.0.0.{2 + k // limit}")
+            kind, sock = kinds[k % 5], _connect(srv.port, f"127.0.0.{2 + k // limit}")
             if kind == "headers":
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             elif kind == "body":
                 sock.sendall(b"POST /v1/samples HTTP/1.1\r\nHost: x\r\n"
                              b"Content-Length: 100\r\n\r\n{")
-            elif kind == "keep-alive":
-                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            elif kind in ("keep-alive", "upgrade"):
+                # An Upgrade is served as plain HTTP: no WebSocket routes, no other protocol.
+                upgrade = (b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                           b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+                           b"dGhlIHNhbXBsZSBub25jZQ==\r\n") if kind == "upgrade" else b""
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")
                 reply = b""
                 while not reply.endswith(b'{"status":"ok"}'):  # the whole response
                     chunk = sock.recv(4096)

@@ -59,6 +59,11 @@ def bounded_protocol(*, header_timeout: float, max_client_connections: int, refu
             if self._header_timer is not None and not self._between_requests():
                 self._stop_header_timer()  # the headers are in: a request cycle started
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # The server has no WebSocket routes (ws="none"): an Upgrade header is served as
+            # plain HTTP, and is no reason for two warnings per request in the log.
+            pass
+
         def _between_requests(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 

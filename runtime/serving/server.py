@@ -502,7 +502,8 @@ def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: 
     # clients refused everyone (503). Work is bounded by the scheduler's queue (429), idle
     # connections by the timeouts and the per-client cap.
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace + 30,
-                            http=protocol, timeout_keep_alive=keep_alive, access_log=False)
+                            http=protocol, timeout_keep_alive=keep_alive, access_log=False,
+                            ws="none")  # no WebSocket routes: no upgrade past the bounds
     server = Server(config)
     # uvicorn re-raises the signal it stopped on once it is done, and a SIGTERM may come
     # before its own handlers are in: this one stops the server either way, and makes the

@@ -262,9 +262,24 @@ def info_cmd(model, backend, device, threads):
     click.echo("\n".join(lines))
 
 
+def _host(ctx, param, value):
+    """click callback: an empty host would bind every interface without saying so."""
+    if not value.strip():
+        raise click.BadParameter("an empty host binds every interface; give an address such as "
+                                 "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    return value
+
+
+def _seconds(name: str, default: float, help_text: str):
+    return click.option(name, type=click.FloatRange(min=0, min_open=True), default=default,
+                        show_default=True, callback=finite_float, help=help_text)
+
+
 @main.command("serve")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, callback=_host,
+              help="address to listen on; beyond loopback (0.0.0.0, ::, a LAN address) the "
+              "start line says so")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="0 picks a free port (printed)")
 @click.option("--max-batch", type=click.IntRange(1, MAX_SERVE_BATCH), default=64,
@@ -281,6 +296,15 @@ def info_cmd(model, backend, device, threads):
 @click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               callback=finite_float,
               help="seconds in-flight requests get to finish on SIGTERM before cancelling")
+@_seconds("--header-timeout", 10.0, "seconds a connection gets to send a request's headers "
+          "(from connecting, or from the next request's first byte); then it is closed")
+@_seconds("--body-timeout", 10.0, "seconds a request gets to send its body; then it is "
+          "answered 408 and closed")
+@_seconds("--keep-alive", 5.0, "seconds an idle connection is kept open between requests")
+@click.option("--max-client-connections", type=click.IntRange(min=1), default=64,
+              show_default=True, help="connections one client address may hold open; more are "
+              "answered 429 (behind a reverse proxy every client has the proxy's address). "
+              "With --ray only --body-timeout and --keep-alive apply (Ray's proxy serves HTTP)")
 @click.option("--ray", "on_ray", is_flag=True,
               help="run as a Ray Serve deployment: replicas of this server behind Ray's proxy")
 @click.option("--replicas", type=_Replicas(), default=1, show_default=True,
@@ -288,7 +312,8 @@ def info_cmd(model, backend, device, threads):
 @_ray_address_option
 @_backend_options
 def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batching, grace,
-              on_ray, replicas, ray_address, backend, device, threads):
+              header_timeout, body_timeout, keep_alive, max_client_connections, on_ray,
+              replicas, ray_address, backend, device, threads):
     """Serve MODEL over HTTP: POST /v1/samples, /healthz, /v1/model, /metrics."""
     try:
         from .serving.server import serve
@@ -299,16 +324,19 @@ def serve_cmd(model, host, port, max_batch, max_queue, max_n, max_steps, batchin
 
     if on_ray:
         _serve_on_ray(model, host=host, port=port, replicas=replicas, address=ray_address,
-                      threads=threads or 1, grace=grace,
+                      threads=threads or 1, grace=grace, keep_alive=keep_alive,
                       load_kwargs={"backend": backend, "device": device},
                       limits={"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
-                              "max_steps": max_steps, "batching": batching})
+                              "max_steps": max_steps, "batching": batching,
+                              "body_timeout": body_timeout})
         return
     try:
         with load(model, backend=backend, device=device, threads=threads) as pipe:
             _check_limits(max_batch, max_steps, pipe)
             serve(pipe, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                   max_n=max_n, max_steps=max_steps, batching=batching, grace=grace,
+                  header_timeout=header_timeout, body_timeout=body_timeout,
+                  keep_alive=keep_alive, max_client_connections=max_client_connections,
                   log=lambda line: click.echo(line))
     except OSError as err:  # the address is taken or not ours
         raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror}") from None

@@ -3,6 +3,7 @@ resumable) and `python -m runtime serve --ray` (the server's API through Ray Ser
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import io
 import itertools
@@ -301,6 +302,7 @@ def test_two_replicas_answer_concurrent_requests_with_local_images(tiny_onnx, ra
                 deleted = server.request("DELETE", "/v1/samples/long-one")[0]
                 time.sleep(0.02)
             assert deleted == 202 and long.result()[0] == 409
+        _an_id_in_use_is_refused_on_every_replica(server)
         assert server.request("DELETE", "/v1/samples/no-such-id")[0] == 404
         # The same JSON errors and routes as the one-process server.
         code, _, data = server.request("POST", "/v1/samples", {"n": "x"})
@@ -314,3 +316,42 @@ def test_two_replicas_answer_concurrent_requests_with_local_images(tiny_onnx, ra
     with pytest.raises(OSError):   # SIGTERM took the deployment and its proxy down
         server.request("GET", "/healthz", timeout=5)
 
+
+
+def _an_id_in_use_is_refused_on_every_replica(server) -> None:
+    """One id, one request, on N replicas as on one server: a second POST with a running
+    request's id is refused 409 id_in_use (whichever replica gets it), and DELETE still
+    cancels the first; then the id is free again."""
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=120)
+    try:
+        conn.request("POST", "/v1/samples", body=json.dumps(
+            {"n": 8, "seed": 2, "steps": 1000, "id": "owned", "stream": True}))
+        stream = conn.getresponse()
+        assert stream.status == 200
+        # "accepted" comes once the request holds its id.
+        assert stream.readline().decode().strip() == "event: accepted"
+        # Several tries: Ray's router spreads them, mostly to the idle replica.
+        for _ in range(4):
+            code, _, data = server.request("POST", "/v1/samples",
+                                           {"n": 1, "seed": 0, "steps": 2, "id": "owned"})
+            assert code == 409, (code, data[:200])  # not a second request under one id
+            error = json.loads(data)
+            assert (error["code"], error["field"]) == ("id_in_use", "id"), error
+        assert server.request("DELETE", "/v1/samples/owned")[0] == 202
+        events = stream.read().decode()
+    finally:
+        conn.close()
+    last = [chunk for chunk in events.split("\n\n") if chunk.strip()][-1]
+    kind, data = last.split("\n", 1)
+    error = json.loads(data.removeprefix("data: "))
+    assert kind == "event: error" and (error["status"], error["code"]) == (409, "cancelled")
+    # The owner releases the id on the board as it finishes (a message on its way): the
+    # other replica may see it a moment later.
+    deadline = time.monotonic() + 10
+    while True:
+        code, _, data = server.request("POST", "/v1/samples",
+                                       {"n": 1, "seed": 0, "steps": 2, "id": "owned"})
+        if code != 409 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert code == 200, data[:300]

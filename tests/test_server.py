@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import importlib.util
 import io
@@ -79,6 +80,9 @@ def test_health_model_and_metrics(server, local):
     info = json.loads(body)
     assert status == 200 and info["record"] == json.loads(local.record.to_json())
     assert info["limits"]["max_batch"] == 8 and info["limits"]["max_n"] == 16
+    # The file's name, not where it lives on the server.
+    assert info["source"] == local.source.rsplit("/", 1)[-1] == "tiny.onnx"
+    assert str(Path(local.source).parent).encode() not in body
     metrics = server.metrics()
     for name in ("ddpm_queue_requests", "ddpm_images_in_flight", "ddpm_batch_fill",
                  "ddpm_network_seconds_total", "ddpm_requests_total{outcome=done}"):
@@ -125,6 +129,8 @@ def test_images_equal_a_local_pipeline_in_every_format(server, local):
     assert ticks < sum(r["steps"] * -(-r["n"] // 8) for r in REQUESTS) or len(REQUESTS) == 1
 
 
+HUGE = b"9" * 5000
+# (method, path, body, status[, the field the error names])
 BAD = [
     ("POST", "/v1/samples", b"{not json", 400),
     ("POST", "/v1/samples", b"[1, 2]", 400),
@@ -146,7 +152,15 @@ BAD = [
     ("POST", "/v1/samples", b'{"n": 1, "format": "gif"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "stream": "yes"}', 400),
     ("POST", "/v1/samples", b'{"n": 1, "id": "../x"}', 400),
-    ("POST", "/v1/samples", b'{"n": 1, "seed": 99999999999999999999999}', 422),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": 99999999999999999999999}', 422, "seed"),
+    # Longer than Python converts (4300 digits): a 4xx naming the field, never a 500.
+    ("POST", "/v1/samples", b'{"n": ' + HUGE + b"}", 422, "n"),
+    ("POST", "/v1/samples", b'{"n": -' + HUGE + b"}", 422, "n"),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": ' + HUGE + b"}", 422, "seed"),
+    ("POST", "/v1/samples", b'{"n": 1, "seed": -' + HUGE + b"}", 422, "seed"),
+    ("POST", "/v1/samples", b'{"n": 1, "steps": ' + HUGE + b"}", 422, "steps"),
+    ("POST", "/v1/samples", b'{"n": 1, "sampler": "ddim", "eta": ' + HUGE + b"}", 422, "eta"),
+    ("POST", "/v1/samples", b'{"n": 1, "stream": ' + HUGE + b"}", 400, "stream"),
     ("POST", "/v1/samples", b"\xff\xfe", 400),
     ("POST", "/v1/samples", b"[" * 16000, 400),
     ("POST", "/v1/samples", b'{"n": 1, "pad": "' + b"x" * 20000 + b'"}', 413),
@@ -157,11 +171,18 @@ BAD = [
 
 
 def test_every_bad_request_gets_a_4xx_json_error(server):
-    for method, path, raw, want in BAD:
+    from runtime.serving.server import ERROR_CODES
+
+    for method, path, raw, want, *field in BAD:
         status, headers, body = server.request(method, path, raw=raw)
-        assert status == want, (raw, status, body)
+        assert status == want, (raw[:80] if raw else raw, status, body[:300])
         assert headers["content-type"].startswith("application/json"), (raw, headers)
-        assert "error" in json.loads(body) and b"Traceback" not in body
+        error = json.loads(body)
+        assert "error" in error and b"Traceback" not in body
+        assert ERROR_CODES[error["code"]][0] == status, error
+        if field:
+            assert error.get("field") == field[0], (raw[:80], error)
+            assert "digits" in error["error"] or raw.count(b"9") < 100, error
     assert server.request("GET", "/healthz")[0] == 200
     assert server.metrics()["ddpm_requests_total{outcome=invalid}"] >= 19
 
@@ -265,3 +286,167 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_onnx, local):
         assert srv.proc.wait(60) == 0, "".join(srv.stderr)
     finally:
         srv.stop(signal.SIGKILL)
+
+
+# === Hostile clients: slow, idle, too many connections ===
+
+def _connect(port: int, source: str) -> socket.socket:
+    """A connection from ``source`` (any 127.x address is this machine's loopback on Linux:
+    each is a different client to the server)."""
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect((HOST, port))
+    return sock
+
+
+def _read_until_closed(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """What the server sent, and whether it closed the connection before ``deadline``."""
+    data = b""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            break
+        except OSError:  # reset: closed too
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+@needs_serve
+def test_slow_and_idle_clients_cost_only_themselves(tiny_onnx):
+    """80 connections that do no work (silent, slowloris headers, a body that never ends,
+    idle keep-alive, idle after an Upgrade) from 10 other clients: /healthz and a real POST
+    still answer, a 9th connection from one of them is refused, and the server closes them
+    all within its bounds. (Before, uvicorn's limit_concurrency, max queue + batch + 64 = 70
+    here, counted them and answered 503 to everyone.)"""
+    limit, bound = 8, 1.0
+    srv = Server(tiny_onnx, "--max-batch", "2", "--max-queue", "4",
+                 "--header-timeout", str(bound), "--body-timeout", str(bound),
+                 "--keep-alive", str(bound), "--max-client-connections", str(limit))
+    slow: list[tuple[str, socket.socket]] = []
+    try:
+        kinds = ("silent", "headers", "body", "keep-alive", "upgrade")
+        for k in range(80):
+            kind, sock = kinds[k % 5], _connect(srv.port, f"127.0.0.{2 + k // limit}")
+            if kind == "headers":
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            elif kind == "body":
+                sock.sendall(b"POST /v1/samples HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 100\r\n\r\n{")
+            elif kind in ("keep-alive", "upgrade"):
+                # An Upgrade is served as plain HTTP: no WebSocket routes, no other protocol.
+                upgrade = (b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                           b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+                           b"dGhlIHNhbXBsZSBub25jZQ==\r\n") if kind == "upgrade" else b""
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + upgrade + b"\r\n")
+                reply = b""
+                while not reply.endswith(b'{"status":"ok"}'):  # the whole response
+                    chunk = sock.recv(4096)
+                    assert chunk, reply
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 200"), reply
+            slow.append((kind, sock))
+        opened = time.monotonic()
+        stop = threading.Event()
+
+        def trickle():  # one byte each 0.2 s: never done, never quite idle
+            while not stop.wait(0.2) and time.monotonic() < opened + 30:
+                for kind, sock in slow:
+                    with contextlib.suppress(OSError):
+                        if kind in ("headers", "body"):
+                            sock.send(b"X" if kind == "headers" else b" ")
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        # Another client (127.0.0.1) is served at once.
+        for _ in range(3):
+            start = time.monotonic()
+            assert srv.request("GET", "/healthz", timeout=5)[0] == 200
+            assert time.monotonic() - start < 5
+        status, _, body = srv.request("POST", "/v1/samples", {"n": 2, "seed": 0, "steps": 5},
+                                      timeout=5)
+        assert status == 200, body
+        # One connection too many from a client that holds its limit: 429, then closed.
+        extra = _connect(srv.port, "127.0.0.2")
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply, closed = _read_until_closed(extra, time.monotonic() + 5)
+        extra.close()
+        head, _, payload = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 429") and closed, reply
+        assert json.loads(payload)["code"] == "too_many_connections"
+        # Every slow connection is closed by the server within its bound (plus slack).
+        for kind, sock in slow:
+            data, closed = _read_until_closed(sock, opened + bound + 5)
+            assert closed, (kind, data)
+            if kind == "body":  # the app answers a late body before closing
+                head, _, payload = data.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 408"), data
+                assert json.loads(payload)["code"] == "body_timeout"
+            else:
+                assert data == b"", (kind, data)
+        stop.set()
+        trickler.join(5)
+        # Their places are free again.
+        again = _connect(srv.port, "127.0.0.2")
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _read_until_closed(again, time.monotonic() + 5)[0].startswith(b"HTTP/1.1 200")
+        again.close()
+        assert srv.request("GET", "/healthz", timeout=5)[0] == 200
+    finally:
+        for _, sock in slow:
+            sock.close()
+        code = srv.stop()
+    assert code == 0, "".join(srv.stderr)
+    assert "Traceback" not in "".join(srv.stderr)
+
+
+@needs_serve
+def test_sigterm_the_moment_the_server_says_it_is_ready_stops_it(tiny_onnx):
+    """The start line is a promise: SIGTERM sent on it is handled (exit 0, promptly)."""
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "runtime", "serve", str(tiny_onnx),
+                                 "--port", "0", "--threads", "1"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("serving "), (line, proc.stderr.read())
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0, proc.stderr.read()
+            assert "server stopped" in proc.stdout.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        # On loopback the line says nothing more.
+        assert line.rstrip().endswith(")") and "interfaces" not in line
+
+
+def test_bind_beyond_loopback_is_said(tmp_path):
+    """What the start line adds for each kind of address (no socket is bound here)."""
+    from runtime.serving.server import bind_note
+
+    for address in ("127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"):
+        assert bind_note(address) == "", address
+    for address in ("0.0.0.0", "::"):
+        assert bind_note(address) == " (listening on all interfaces)", address
+    for address in ("192.168.1.5", "10.0.0.1", "2001:db8::1"):
+        assert f"listening on {address}: reachable from other machines" in bind_note(address)
+
+
+@needs_serve
+def test_bad_serve_options_are_one_line(tiny_onnx, tmp_path):
+    from tests.test_hostile import run_table
+
+    cases = [(["serve", tiny_onnx, "--host", ""], "--host"),
+             (["serve", tiny_onnx, "--host", " "], "--host"),
+             (["serve", tiny_onnx, "--header-timeout", "0"], "--header-timeout"),
+             (["serve", tiny_onnx, "--body-timeout", "nan"], "--body-timeout"),
+             (["serve", tiny_onnx, "--keep-alive", "-1"], "--keep-alive"),
+             (["serve", tiny_onnx, "--max-client-connections", "0"],
+              "--max-client-connections")]
+    run_table("runtime.cli:main", cases, tmp_path)

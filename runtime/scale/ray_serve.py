@@ -13,6 +13,7 @@ refused (409) everywhere.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import socket
 import threading
@@ -131,6 +132,13 @@ class SamplingReplica:
             model.close()
 
 
+def _resolve(host: str) -> str:
+    """The address Ray's proxy binds for ``host`` (a name is resolved as the proxy does)."""
+    with contextlib.suppress(OSError):
+        return socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)[0][4][0]
+    return host
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -139,7 +147,7 @@ def free_port(host: str) -> int:
 
 def serve_on_ray(model, *, files: list, address: str, replicas, host: str, port: int,
                  threads: int, limits: dict, grace: float, load_kwargs: dict,
-                 log=print) -> None:
+                 keep_alive: float = 5.0, log=print) -> None:
     """Deploy, print where it listens, and run until SIGTERM/SIGINT; then shut Serve down
     (each replica gets ``grace`` seconds for its in-flight requests)."""
     ray = connect(address)
@@ -160,7 +168,9 @@ def serve_on_ray(model, *, files: list, address: str, replicas, host: str, port:
     # Held here while Serve runs: a replica started later (autoscaling, a restart) loads it.
     shipped = ship_model(ray, files)
     board = ray.remote(CancelBoard).options(num_cpus=0).remote()
-    serve.start(http_options={"host": host, "port": port})
+    # Ray's proxy takes whole seconds.
+    serve.start(http_options={"host": host, "port": port,
+                              "keep_alive_timeout_s": max(1, math.ceil(keep_alive))})
     try:
         try:
             serve.run(deployment.bind(shipped, threads, load_kwargs, limits, board), name=APP_NAME,
@@ -169,8 +179,10 @@ def serve_on_ray(model, *, files: list, address: str, replicas, host: str, port:
             raise RayClusterError(f"the Ray Serve deployment did not start "
                                   f"({str(err).strip().splitlines()[0]}); its replicas' logs "
                                   "are under /tmp/ray/session_latest/logs/serve/") from None
+        from ..serving.server import bind_note
+
         log(f"serving {model} on http://{host}:{port} (Ray Serve, {replicas} replicas, "
-            f"max batch {limits['max_batch']} each)")
+            f"max batch {limits['max_batch']} each){bind_note(_resolve(host))}")
         stop.wait()
     finally:
         serve.shutdown()

@@ -20,12 +20,14 @@ import asyncio
 import base64
 import contextlib
 import io
+import ipaddress
 import json
 import re
 import secrets
 import signal
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -61,9 +63,12 @@ ERROR_CODES = {
     "bad_request": (400, "the body is not a JSON object of known fields of the right types"),
     "invalid_field": (422, "a field's value is out of range or not one of its choices"),
     "body_too_large": (413, f"the body is over {MAX_BODY} bytes"),
+    "body_timeout": (408, "the body did not arrive within the server's --body-timeout"),
     "id_in_use": (409, "the request's id names a queued or running request"),
     "cancelled": (409, "the request was cancelled (DELETE, or its client went away)"),
     "queue_full": (429, "too many requests are waiting; retry after Retry-After seconds"),
+    "too_many_connections": (429, "this client holds --max-client-connections connections "
+                                  "already; reuse or close one"),
     "shutting_down": (503, "the server is draining; retry on another server"),
     "not_found": (404, "no such route, or no queued or running request with that id"),
     "method_not_allowed": (405, "the route does not take that method"),
@@ -115,6 +120,13 @@ def parse_request(body, defaults=None) -> dict:
     unknown = sorted(set(body) - fields)
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}; expected some of {sorted(fields)}")
+    # n and steps have no upper bound of their own (the server's limits come later, after
+    # int() has turned the stand-in into a plain 1e100): refuse a huge one here, by its length.
+    for name in ("n", "steps"):
+        value = body.get(name)
+        if isinstance(value, HugeInt) and value > 0:
+            raise BadRequest(f"{name} must be within this server's limits (GET /v1/model), "
+                             f"got {value}", "invalid_field", name)
     try:
         if body.get("n", 1) is None:
             raise OptionError("n", "n must be an integer, got None", kind="type")
@@ -144,16 +156,24 @@ def parse_request(body, defaults=None) -> dict:
     return req
 
 
-async def read_json(request: Request):
+async def read_json(request: Request, timeout: float = 10.0):
+    """The body as JSON, read within ``timeout`` seconds: a body that never ends would hold
+    its connection and its task for ever."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         raise BadRequest(f"the body must be at most {MAX_BODY} bytes", "body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(f"the body must be at most {MAX_BODY} bytes", "body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    raise BadRequest(f"the body must be at most {MAX_BODY} bytes",
+                                     "body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"the body did not arrive within {timeout:g} s "
+                         f"({size} bytes came)", "body_timeout") from None
     try:
         return json.loads(b"".join(chunks), parse_int=_parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -214,9 +234,11 @@ class SchedulerCollector:
 
 # === The app ===
 
-def create_app(scheduler: BatchScheduler, model_info: dict) -> Starlette:
+def create_app(scheduler: BatchScheduler, model_info: dict, *,
+               body_timeout: float = 10.0) -> Starlette:
     """The ASGI app; it starts the scheduler's thread on startup and cancels what is left on
-    shutdown (after the server's grace period for in-flight requests)."""
+    shutdown (after the server's grace period for in-flight requests). A request body must
+    arrive within ``body_timeout`` seconds."""
     registry = CollectorRegistry()
     invalid = {"count": 0}
     registry.register(SchedulerCollector(scheduler, invalid))
@@ -228,10 +250,13 @@ def create_app(scheduler: BatchScheduler, model_info: dict) -> Starlette:
 
     async def samples(request: Request) -> Response:
         try:
-            req = parse_request(await read_json(request), scheduler.record.defaults)
+            req = parse_request(await read_json(request, body_timeout),
+                                scheduler.record.defaults)
         except BadRequest as err:
             invalid["count"] += 1
-            return error(err.code, str(err), field=err.field)
+            # The rest of a late body may still come: the connection cannot be reused.
+            close = {"Connection": "close"} if err.code == "body_timeout" else {}
+            return error(err.code, str(err), field=err.field, **close)
         except ClientDisconnect:
             return error("client_disconnected", "the client went away")
         loop = asyncio.get_running_loop()
@@ -384,7 +409,7 @@ async def _result_response(job, fmt, echo, latency, data_range, draining) -> Res
 
 def build_app(pipe, *, max_batch: int, max_queue: int, max_n: int, max_steps: int | None,
               batching: bool, scheduler_cls: type[BatchScheduler] = BatchScheduler,
-              log=print) -> Starlette:
+              body_timeout: float = 10.0, log=print) -> Starlette:
     """The batch scheduler over ``pipe`` and the app over it (``app.state.scheduler``): what
     one server process runs, and what each Ray Serve replica runs (with its own
     ``scheduler_cls``)."""
@@ -394,29 +419,66 @@ def build_app(pipe, *, max_batch: int, max_queue: int, max_n: int, max_steps: in
     scheduler = scheduler_cls(pipe.eps_fn, pipe.record, max_batch=max_batch,
                               max_queue=max_queue, max_n=max_n, max_steps=max_steps,
                               batching=batching)
-    info = {"record": json.loads(pipe.record.to_json()), "source": pipe.source,
+    # The file name only: where the model lives on the server is no client's business.
+    info = {"record": json.loads(pipe.record.to_json()), "source": Path(pipe.source).name,
             "backend": pipe.backend_name,
             "limits": {"max_batch": max_batch, "max_queue": max_queue, "max_n": max_n,
                        "max_steps": scheduler.max_steps, "batching": batching}}
-    app = create_app(scheduler, info)
+    app = create_app(scheduler, info, body_timeout=body_timeout)
     app.state.scheduler = scheduler
     return app
 
 
+def bind_note(address: str) -> str:
+    """What the start line adds about who can reach a socket bound to ``address``."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:  # not an address: nothing to add
+        return ""
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    if ip.is_unspecified:
+        return " (listening on all interfaces)"
+    if ip.is_loopback:
+        return ""
+    return f" (listening on {ip}: reachable from other machines)"
+
+
 def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: int,
-          max_steps: int | None, batching: bool, grace: float, log=print) -> None:
+          max_steps: int | None, batching: bool, grace: float, header_timeout: float = 10.0,
+          body_timeout: float = 10.0, keep_alive: float = 5.0,
+          max_client_connections: int = 64, log=print) -> None:
     """Run until SIGTERM/SIGINT: in-flight requests get ``grace`` seconds, then are
-    cancelled; returns normally (exit status 0)."""
+    cancelled; returns normally (exit status 0).
+
+    A connection must send its request headers within ``header_timeout`` seconds and its body
+    within ``body_timeout``, may stay idle between requests for ``keep_alive``, and one client
+    (peer address) may hold ``max_client_connections`` at once: a slow client costs itself.
+    """
     import uvicorn
 
+    from .connections import bounded_protocol
+
     app = build_app(pipe, max_batch=max_batch, max_queue=max_queue, max_n=max_n,
-                    max_steps=max_steps, batching=batching, log=log)
+                    max_steps=max_steps, batching=batching, body_timeout=body_timeout, log=log)
     scheduler = app.state.scheduler
     max_batch = scheduler.max_batch
-    sock = socket.create_server((host, port))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family)
     flags = app.state.flags
+    bound_host, bound_port = sock.getsockname()[:2]
+    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    start_line = (f"serving {pipe.source} on http://{url_host}:{bound_port} "
+                  f"({'step-level batching' if batching else 'one request at a time'}, "
+                  f"max batch {max_batch}, max queue {max_queue}){bind_note(bound_host)}")
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            # Said only now: the socket is served and uvicorn's signal handlers (installed
+            # by run() before startup) are in place, so a SIGTERM sent on this line counts.
+            if not self.should_exit:
+                log(start_line)
+
         async def shutdown(self, sockets=None):
             """Stop accepting; after ``grace`` seconds cancel what is left, so every
             request still gets an answer (503) before uvicorn's own deadline."""
@@ -432,16 +494,24 @@ def serve(pipe, *, host: str, port: int, max_batch: int, max_queue: int, max_n: 
             finally:
                 task.cancel()
 
+    refuse = error("too_many_connections",
+                   f"this client already holds {max_client_connections} connections to the "
+                   "server; reuse one (keep-alive) or close some",
+                   **{"Connection": "close", "Retry-After": "1"})
+    protocol = bounded_protocol(header_timeout=header_timeout,
+                                max_client_connections=max_client_connections,
+                                refuse_app=refuse)
+    # No limit_concurrency: uvicorn counts idle connections against it, so a few idle
+    # clients refused everyone (503). Work is bounded by the scheduler's queue (429), idle
+    # connections by the timeouts and the per-client cap.
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace + 30,
-                            limit_concurrency=max_queue + max_batch + 64, access_log=False)
+                            http=protocol, timeout_keep_alive=keep_alive, access_log=False,
+                            ws="none")  # no WebSocket routes: no upgrade past the bounds
     server = Server(config)
-    # uvicorn re-raises the signal it stopped on once it is done; a no-op handler makes
-    # that a clean exit instead of a death by SIGTERM.
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    bound_host, bound_port = sock.getsockname()[:2]
-    log(f"serving {pipe.source} on http://{bound_host}:{bound_port} "
-        f"({'step-level batching' if batching else 'one request at a time'}, "
-        f"max batch {max_batch}, max queue {max_queue})")
+    # uvicorn re-raises the signal it stopped on once it is done, and a SIGTERM may come
+    # before its own handlers are in: this one stops the server either way, and makes the
+    # re-raise a clean exit (status 0) instead of a death by SIGTERM.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run(sockets=[sock])
     finally:

@@ -355,3 +355,26 @@ def _an_id_in_use_is_refused_on_every_replica(server) -> None:
             break
         time.sleep(0.1)
     assert code == 200, data[:300]
+
+
+@needs_ray
+def test_a_model_with_external_data_ships_all_its_files(tiny_onnx, ray_address, tmp_path):
+    """The workers get the .onnx and the data file it names (the backend's declared files),
+    each checked against its SHA-256, and draw the images of a local pipeline."""
+    from runtime import backends
+    from runtime.scale.bulk import run
+    from runtime.scale.shards import BulkJob
+    from tests.test_model_files import with_external_data
+
+    model = with_external_data(tiny_onnx, tmp_path / "m" / "model.onnx")
+    files = backends.model_files(model)
+    assert len(files) == 2
+    options = {"sampler": "ddim", "steps": 3, "spacing": "linspace", "variance": "fixedlarge",
+               "eta": 0.0}
+    job = BulkJob(tmp_path / "job", model_sha256=backends.model_digest(files),
+                  image_shape=(1, 8, 8), n=4, seed=2, shard_size=2, sample_options=options)
+    job.prepare(inputs=files)
+    run(job, files, address=ray_address, workers=1, progress=False)
+    images, _ = read_images(job.out)
+    with runtime.load(model, threads=1) as pipe:
+        np.testing.assert_array_equal(images, pipe.sample(4, 2, progress=False, **options))

@@ -1,0 +1,69 @@
+"""export/to_diffusers.py: a checkpoint as a diffusers folder that diffusers loads with the
+same ε, and that comes back through the import as a model sampling the same images."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from tests.conftest import randomized_unet, tiny_model_config
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is a dev dependency (parity only)")
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(trained_run, tmp_path_factory):
+    """The trained run's checkpoint with every EMA weight random: no zero-initialised layer
+    can hide a misplaced weight."""
+    ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
+    ckpt["ema"] = randomized_unet(tiny_model_config(), seed=3, scale=0.1).state_dict()
+    path = tmp_path_factory.mktemp("rand") / "ckpt.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_diffusers_loads_the_folder_with_the_checkpoints_eps(random_ckpt, tmp_path):
+    from training.checkpoint import build_model, load_checkpoint
+
+    out = tmp_path / "folder"
+    run = subprocess.run([sys.executable, str(ROOT / "export" / "to_diffusers.py"),
+                          str(random_ckpt), str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    pipe = diffusers.DDPMPipeline.from_pretrained(out)
+    model = build_model(load_checkpoint(random_ckpt))
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, 8, 8),
+                                                                  dtype=np.float32))
+    t = torch.tensor([0.0, 10.0, 600.0, 999.0])
+    with torch.inference_mode():
+        want, got = model(x, t), pipe.unet(x, t).sample
+    assert want.abs().max() > 0.1  # a network that computes something
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    assert pipe.scheduler.config.variance_type == "fixed_large"
+    # An existing folder with files in it is never written into.
+    again = subprocess.run([sys.executable, str(ROOT / "export" / "to_diffusers.py"),
+                            str(random_ckpt), str(out)], capture_output=True, text=True,
+                           cwd=ROOT)
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
+
+
+def test_round_trip_through_diffusers_samples_the_same_images(random_ckpt, tmp_path):
+    from export.onnx_export import export_checkpoint, export_diffusers
+    from export.to_diffusers import write_folder
+
+    write_folder(random_ckpt, tmp_path / "folder")
+    ours, _, _ = export_checkpoint(random_ckpt, tmp_path / "ours.onnx")
+    back, record, _ = export_diffusers(tmp_path / "folder", tmp_path / "back.onnx")
+    assert record.defaults == {"variance": "fixedlarge", "spacing": "linspace"}
+    with runtime.load(ours) as a, runtime.load(back) as b:
+        for options in (dict(sampler="ddim", steps=8), dict(steps=6)):
+            np.testing.assert_allclose(b.sample_float(3, 2, progress=False, **options),
+                                       a.sample_float(3, 2, progress=False, **options),
+                                       rtol=0, atol=5e-4)  # 1e-6 in eps, over a chain

@@ -222,7 +222,7 @@ def test_ort_describe_reports_the_session_and_info_prints_it(tiny_onnx):
     nodes = [("input", n) for n in session.get_inputs()] + \
         [("output", n) for n in session.get_outputs()]
     assert [(k, f"{n.name} {n.type} {n.shape}") for k, n in nodes] == lines[:3]
-    assert ("threads", "2") in lines
+    assert ("threads", "2 (one per shard of a batch)") in lines
     available = dict(lines)["onnxruntime providers available"].split(", ")
     assert available == ort.get_available_providers()
     out = subprocess.run([sys.executable, "-m", "runtime", "info", str(tiny_onnx),

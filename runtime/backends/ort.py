@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import threading
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import MAX_THREADS, BackendUnavailableError, ModelFileError, check_int
 from ..metadata import METADATA_KEY, ModelRecord
-from ..util.cpus import cpu_count
+from ..util.cpus import OtherLoad, cpu_count
 from . import register
 from .onnx_files import onnx_files
 
@@ -54,14 +54,16 @@ class OrtBackend:
     it, that is an error, never a silent fall back to the CPU.
 
     On the CPU, ``threads`` (default: every core this process may use) go to images, not
-    to operators: a batch of at least ``threads`` images is cut into ``threads`` shards
-    that run at once, one thread each, on one session. Images are independent, so the
-    output is the same (tested). The U-Net's many small operators leave ONNX Runtime's
-    own threads waiting on each other; on 2 cores the shards measured 1.19x faster for
-    the digits network and 1.08x for CIFAR-10's at batch 64. A batch smaller than
-    ``threads`` runs on a session whose operators use every thread instead. Each kind
-    is opened when first needed, and one that never ran is let go when the other opens,
-    so a caller that uses one batch size holds one copy of the weights.
+    to operators: a batch is cut into up to ``threads`` shards that run at once, one
+    thread each, on one session of one intra-op thread. Images are independent, so the
+    output is the same (tested). The U-Net's many small operators leave ONNX Runtime's own
+    intra-op threads waiting on each other, and spinning while they wait: threading the
+    operators measured 2.3x slower at batch 1 than one thread on a busy 2-core machine,
+    at 2.2x the CPU per image (``tools/bench_threads.py``), and never faster than shards.
+    So a batch of one runs on one thread, and by default (``threads`` None) the number of
+    shards follows the cores other processes leave free (:class:`~runtime.util.cpus.
+    OtherLoad`, measured at most once a second): every core on an idle machine, one
+    thread where other work keeps the others busy. An explicit ``threads`` is kept.
 
     One backend may be called from any number of threads at once: sessions are opened
     under a lock, and a call keeps the session it started with.
@@ -88,7 +90,9 @@ class OrtBackend:
         self.device = device
         self._provider_options = [{}] if device == "cpu" else [{"device_id": device_id}]
         self.threads = cpu_count() if threads is None and device == "cpu" else threads
-        # CPU: the main session runs one shard on one thread. GPU: the device does the work.
+        # Shards follow the free cores unless the caller fixed the thread count.
+        self._load = OtherLoad() if threads is None and device == "cpu" else None
+        # CPU: the session runs one shard on one thread. GPU: the device does the work.
         self.session = self._open(provider, 1 if device == "cpu" else threads)
         running = self.session.get_providers()
         if not running or running[0] != provider:
@@ -104,11 +108,6 @@ class OrtBackend:
         )
         self._check_signature()
         self._gpu = device != "cpu"
-        # CPU sessions by kind: "shard" (one thread, the one opened above) and "wide"
-        # (every thread on each operator, for batches smaller than threads).
-        self._cpu = {"shard": self.session} if device == "cpu" else {}
-        self._ran: set[str] = set()
-        self._lock = threading.Lock()
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ort-shard")
                       if device == "cpu" and self.threads > 1 else None)
 
@@ -122,6 +121,8 @@ class OrtBackend:
         options.log_severity_level = 4
         if threads is not None:
             options.intra_op_num_threads = threads
+        # A thread spinning while it waits takes a core from whoever else runs here.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(self.path), sess_options=options,
                                         providers=[provider],
@@ -165,7 +166,13 @@ class OrtBackend:
         for kind, nodes in [("input", self.session.get_inputs()),
                             ("output", self.session.get_outputs())]:
             lines += [(kind, f"{node.name} {node.type} {node.shape}") for node in nodes]
-        lines.append(("threads", str(self.threads) if self.threads else "ONNX Runtime's default"))
+        if self._gpu:
+            lines.append(("threads", str(self.threads) if self.threads else "ONNX Runtime's "
+                          "default"))
+        else:
+            lines.append(("threads", f"{self.threads} (one per shard of a batch"
+                          + ("; fewer while other processes keep cores busy)"
+                             if self._load is not None else ")")))
         lines.append(("onnxruntime providers available", ", ".join(available_providers())))
         return lines
 
@@ -217,27 +224,21 @@ class OrtBackend:
             eps = session.run(["eps"], {"x": x, "t": t})[0]
         return self._checked(eps, x)
 
-    def _cpu_session(self, kind: str):
-        with self._lock:
-            if kind not in self._cpu:
-                # A session handed out is in _ran, so none still running is let go here.
-                for unused in set(self._cpu) - self._ran:
-                    if self.session is self._cpu.pop(unused):
-                        self.session = None  # the last reference: its memory goes first
-                self._cpu[kind] = self._open(PROVIDERS["cpu"],
-                                             1 if kind == "shard" else self.threads)
-            self._ran.add(kind)
-            self.session = self._cpu[kind]
-            return self.session
+    def shards(self, batch: int) -> int:
+        """How many one-thread shards a CPU batch is cut into now."""
+        shards = self.threads or 1
+        if self._load is not None and shards > 1:
+            free = (os.cpu_count() or 1) - self._load.cores()
+            shards = max(1, min(shards, int(free + 0.5)))
+        return min(shards, batch)
 
     def _run_cpu(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         batch = x.shape[0]
-        if self._pool is None:
-            return self._run(self._cpu_session("shard"), x, t)
-        if batch < self.threads:
-            return self._run(self._cpu_session("wide"), x, t)
-        session = self._cpu_session("shard")
-        bounds = np.linspace(0, batch, self.threads + 1).round().astype(int)
+        shards = self.shards(batch) if self._pool is not None else 1
+        if shards == 1:
+            return self._run(self.session, x, t)
+        session = self.session
+        bounds = np.linspace(0, batch, shards + 1).round().astype(int)
         out = np.empty(x.shape, np.float32)
 
         def shard(i: int) -> None:
@@ -245,7 +246,7 @@ class OrtBackend:
             # ONNX Runtime lets go of the GIL while it runs, so the shards run together.
             out[lo:hi] = self._run(session, x[lo:hi], t[lo:hi])
 
-        others = [self._pool.submit(shard, i) for i in range(1, self.threads)]
+        others = [self._pool.submit(shard, i) for i in range(1, shards)]
         shard(0)  # the calling thread takes the first shard
         for future in others:
             future.result()  # a shard's error is raised here
@@ -255,8 +256,6 @@ class OrtBackend:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        with self._lock:
-            self._cpu.clear()
         self.session = None
 
     def __enter__(self):

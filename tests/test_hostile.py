@@ -196,7 +196,20 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
     model_in_each.write_bytes(tiny_onnx.read_bytes())
     (tmp_path / "each2").mkdir()
     (tmp_path / "each2" / "00002.png").hardlink_to(model)
+    # One set: a later --each PNG that no rename can replace fails before -o and --npz are.
+    (tmp_path / "each4" / "00001.png").mkdir(parents=True)
+    (tmp_path / "g4.png").write_bytes(b"the old grid")
+    (tmp_path / "a4.npz").write_bytes(b"the old arrays")
+    deep = tmp_path.joinpath(*["d" * 200] * 21)  # over PATH_MAX
     cases = [
+        (["sample", model, "-o", tmp_path / "g4.png", "--npz", tmp_path / "a4.npz",
+          "--each", tmp_path / "each4", *quick], "00001.png is a folder"),
+        (["sample", model, "-o", tmp_path / ("n" * 252 + ".png"), *quick], "-o/--out"),
+        (["sample", model, "--npz", tmp_path / ("n" * 252 + ".npz"), *quick], "--npz"),
+        (["sample", model, "--each", tmp_path / ("n" * 256), *quick], "--each"),
+        (["sample", model, "-o", deep / "s.png", *quick], "-o/--out"),
+        (["sample", model, "--npz", deep / "a.npz", *quick], "--npz"),
+        (["sample", model, "--each", deep, *quick], "--each"),
         (["sample", model_in_each, "--each", tmp_path / "each1", "--backend", "ort",
           "-o", tmp_path / "g.png", *quick], "also an input"),
         (["sample", model, "--each", tmp_path / "each2", "-o", tmp_path / "g.png",
@@ -401,6 +414,10 @@ def test_export_clis_refuse_bad_input(ckpt, trained_run, tiny_onnx, tmp_path):
         ([good, "-o", "/proc/no/model.onnx"], "-o/--out"),
         ([good, "-o", good / "model.onnx"], f"{good} is a file, not a folder"),
         ([good, "-o", tmp_path / "x.onnx", "--tolerance", "nan"], "--tolerance"),
+        # An ONNX file under another name would be picked up as what its suffix says.
+        ([good, "-o", tmp_path / "model.jpg"], ".onnx"),
+        ([good, "-o", tmp_path / ("n" * 252 + ".onnx")], "-o/--out"),
+        ([good, "-o", tmp_path.joinpath(*["d" * 200] * 21, "m.onnx")], "-o/--out"),
         # A failed verification: model.onnx stays as it was, the new file is set aside.
         ([good, "-o", deployed, "--tolerance", "1e-12"], "model.unverified.onnx"),
         *[([path, "-o", tmp_path / f"{name}.onnx"], path.name)
@@ -427,6 +444,7 @@ def test_export_clis_refuse_bad_input(ckpt, trained_run, tiny_onnx, tmp_path):
         ([variants["t0"], "-o", tmp_path / "t0.plan"], "t0.pt"),
         ([deployed, "-o", tmp_path / "e.plan", "--min-batch", "8", "--max-batch", "2"],
          "--opt-batch"),
+        ([deployed, "-o", tmp_path / ("n" * 252 + ".plan")], "-o/--out"),
     ]
     run_table("export.to_trt:main", cases, tmp_path)
 

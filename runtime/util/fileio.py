@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import uuid
@@ -338,3 +339,56 @@ def write_bytes(path, data) -> Path:
 def write_text(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+class FolderBusyError(OutputError):
+    """Another process owns the folder (holds its lock): one line naming the folder."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder, *, option: str = "--out", what: str = "run") -> Iterator[Path]:
+    """Own ``folder`` for the ``with`` block: an exclusive flock on ``folder/.lock``.
+
+    A second process is refused at once (FolderBusyError naming the folder and the owner's
+    pid). The kernel drops a flock when its process dies, so a lock file left by a killed
+    run blocks nothing; a clean exit removes the file while still holding the lock.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"{option} {describe_os_error(err, path)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderBusyError(f"{option} {folder}: another {what} (pid {owner}) is using "
+                                  f"this folder; wait for it to end or choose another "
+                                  f"{option}") from None
+        except OSError as err:
+            os.close(fd)
+            raise OutputError(f"{option} {describe_os_error(err, path)}") from None
+        # The owner before us may have removed the file between our open and our lock:
+        # then we hold the lock of a name nobody else sees. Only the file still under
+        # the name counts.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock: see the check above
+        os.close(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -92,6 +93,14 @@ CKPT_EDITS = {
     "newer": lambda c: c.update(format_version=2),
     "t0": lambda c: c["schedule"].update(num_timesteps=0),
     "nan": lambda c: c["ema"][_first(c["ema"])].view(-1).__setitem__(0, float("nan")),
+    # The configs must agree with each other and sample in float32.
+    "t_mismatch": lambda c: c["train_config"].update(num_timesteps=500),
+    "huge_t": lambda c: c["train_config"].update(num_timesteps=10**9),
+    "tiny_beta": lambda c: (c["train_config"].update(beta_start=1e-20),
+                            c["schedule"].update(beta_start=1e-20)),
+    "wide_range": lambda c: c["data"].update(data_range=[-3e38, 3e38]),
+    "huge_ch": lambda c: c["model_config"].update(ch=2**40),
+    "huge_levels": lambda c: c["data"].update(num_levels=10**12),
 }
 
 
@@ -149,6 +158,20 @@ def engine_with_sidecar(folder: Path, name: str, record: dict, text: bytes | Non
     return engine
 
 
+def latin_record(src: Path, dst: Path) -> Path:
+    """A model whose record is not UTF-8 (protobuf strings must be): one byte changed."""
+    from tests.test_runtime import _rewrite_record
+
+    marker = "\u00e9ma-in-the-record"
+    _rewrite_record(src, dst, lambda r: json.dumps({**r, "weights": marker},
+                                                   ensure_ascii=False))
+    data = dst.read_bytes()
+    assert data.count(marker.encode()) == 1
+    # The same length (protobuf's length prefix stays right), and no longer UTF-8.
+    dst.write_bytes(data.replace(marker.encode(), b"\xe9A" + marker[1:].encode()))
+    return dst
+
+
 def onnx_record(path: Path) -> dict:
     import onnx
 
@@ -173,6 +196,16 @@ RECORD_EDITS = {
     "huge_image": lambda r: {**r, "image_shape": [3, 100_000, 100_000]},
     "five_channels": lambda r: {**r, "image_shape": [5, 8, 8]},
     "newer": lambda r: {**r, "format_version": 2},
+    # Schedules and ranges that load but cannot sample (all-black images, NaN).
+    "tiny_beta": lambda r: {**r, "schedule": {**r["schedule"], "beta_start": 1e-20}},
+    "cosine_underflow": lambda r: {**r, "schedule": {"kind": "cosine",
+                                                     "num_timesteps": 100_000, "s": 0.0}},
+    "steep": lambda r: {**r, "schedule": {**r["schedule"], "beta_end": 0.5}},
+    "overflow_range": lambda r: {**r, "data_range": [-3e38, 3e38]},
+    "subnormal_range": lambda r: {**r, "data_range": [0.0, 1e-40]},
+    "point_range": lambda r: {**r, "data_range": [1.0, 1.0 + 1e-9]},
+    "long_int": lambda r: json.dumps(r).replace('"num_levels": 17',
+                                                '"num_levels": ' + "9" * 5000),
 }
 
 
@@ -188,6 +221,15 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
            for name, edit in RECORD_EDITS.items()}
     not_utf8 = engine_with_sidecar(tmp_path, "latin", record,
                                    json.dumps(record).encode().replace(b'"ema"', b'"\xe9ma"'))
+    long_int = engine_with_sidecar(tmp_path, "digits", record, json.dumps(record).replace(
+        '"num_levels": 17', '"num_levels": ' + "9" * 5000).encode())
+    zero = engine_with_sidecar(tmp_path, "zero", record)
+    (tmp_path / "zero.plan.json").unlink()
+    (tmp_path / "zero.plan.json").symlink_to("/dev/zero")
+    fifo = engine_with_sidecar(tmp_path, "fifo", record)
+    (tmp_path / "fifo.plan.json").unlink()
+    os.mkfifo(tmp_path / "fifo.plan.json")
+    bad["latin_onnx"] = latin_record(tiny_onnx, tmp_path / "latin_onnx.onnx")
     sidecar_schedule = engine_with_sidecar(tmp_path, "sched", {**record, "schedule": "linear"})
     quick = ["--steps", "2", "-n", "2", "--no-progress"]
     # --each must not write over the model or the other outputs, at any index below -n.
@@ -237,6 +279,12 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
          "infinite_range.onnx"),
         (["sample", not_utf8, "--backend", "trt", *quick], "latin.plan.json"),
         (["sample", sidecar_schedule, "--backend", "trt", *quick], "sched.plan"),
+        (["sample", long_int, "--backend", "trt", *quick], "digits.plan.json"),
+        (["sample", zero, "--backend", "trt", *quick], "zero.plan.json"),
+        (["sample", fifo, "--backend", "trt", *quick], "fifo.plan.json"),
+        (["sample", bad["tiny_beta"], *quick, "-o", tmp_path / "black.png"], "beta"),
+        (["sample", bad["overflow_range"], *quick, "-o", tmp_path / "black.png"],
+         "data_range"),
         *[(["info", path], path.name) for path in bad.values()],
     ]
     run_table("runtime.cli:main", cases, tmp_path)
@@ -305,6 +353,8 @@ def test_train_cli_refuses_bad_input(ckpt, tmp_path):
     np.savez(data / "other.npz", images=np.zeros((300, 8, 8), np.uint8))
     runs = {name: write_ckpt(tmp_path / "runs" / name / "ckpt.pt", ckpt, edit).parent
             for name, edit in CKPT_EDITS.items()}
+    runs["no_spec"] = write_ckpt(tmp_path / "runs" / "no_spec" / "ckpt.pt", ckpt,
+                                 lambda c: c["data"].pop("spec")).parent
     runs["empty_optimizer"] = write_ckpt(tmp_path / "runs" / "empty_optimizer" / "ckpt.pt",
                                          ckpt, lambda c: c.update(optimizer={})).parent
     good = write_ckpt(tmp_path / "runs" / "good" / "ckpt.pt", ckpt, lambda c: None).parent

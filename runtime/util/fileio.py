@@ -25,6 +25,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -391,4 +392,38 @@ def folder_lock(folder, *, option: str = "--out", what: str = "run") -> Iterator
     finally:
         with contextlib.suppress(OSError):
             path.unlink()  # while still holding the lock: see the check above
+        os.close(fd)
+
+
+class NotRegularFileError(ValueError):
+    """A small file to read (a sidecar, a manifest) is a device, a FIFO, a folder or too
+    large; the message says which, the caller names the file."""
+
+
+def read_regular_file(path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes.
+
+    Opened without blocking and checked on the open descriptor: a FIFO would wait forever
+    for a writer, a link to /dev/zero never ends. FileNotFoundError and other OSErrors
+    pass through; NotRegularFileError for the rest.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                     stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+            kind = kinds.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise NotRegularFileError(f"is {kind}, not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise NotRegularFileError(f"is larger than the {limit} bytes such a file can be")
+        return b"".join(chunks)
+    finally:
         os.close(fd)

@@ -116,6 +116,21 @@ def bomb_png(path: Path, side: int = 30_000) -> Path:
     return path
 
 
+def patched_npz(path: Path, *, flag: int | None = None, method: int | None = None) -> Path:
+    """A real .npz of 40 digits whose one member claims to be encrypted (``flag``) or
+    compressed by another method (``method``), in both zip headers."""
+    np.savez(path, images=np.zeros((40, 8, 8), np.uint8))
+    data = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.index(signature) + offset
+        if flag is not None:
+            struct.pack_into("<H", data, at, flag)
+        if method is not None:
+            struct.pack_into("<H", data, at + 2, method)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def unrelated_onnx(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
@@ -393,6 +408,8 @@ def test_refused_train_commands_leave_the_run_and_the_data_untouched(ckpt, tmp_p
         header = {"descr": "|u1", "fortran_order": False, "shape": (10**11, 8, 8)}
         z.writestr("images.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", 118)
                    + repr(header).encode().ljust(117) + b"\n")
+    patched_npz(data / "encrypted.npz", flag=0x1)  # zipfile: RuntimeError, password
+    patched_npz(data / "method97.npz", method=97)  # zipfile: NotImplementedError
     run = write_ckpt(tmp_path / "run" / "ckpt.pt", ckpt, lambda c: None).parent
     (run / "log.jsonl").write_text('{"step": 100, "loss": 0.5}\n{"step": 300, "loss": 0.4}\n')
     shrunk = write_ckpt(tmp_path / "shrunk" / "ckpt.pt", ckpt,
@@ -410,6 +427,8 @@ def test_refused_train_commands_leave_the_run_and_the_data_untouched(ckpt, tmp_p
         ([*over, tmp_path / "nonexistent.npz"], "nonexistent.npz"),
         ([*over, data / "renamed.npz"], "renamed.npz"),
         ([*over, data / "huge.npz"], "huge.npz"),
+        ([*over, data / "encrypted.npz"], "encrypted.npz"),
+        ([*over, data / "method97.npz"], "method97.npz"),
         ([*over, data / "five.npz", "--batch-size", "8"], "--batch-size"),
         (["--data", images, "--out", images, "--no-progress"], "--out"),
         (["--data", images, "--out", images / "run", "--no-progress"], "--out"),

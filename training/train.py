@@ -20,7 +20,12 @@ import click  # noqa: E402
 
 from runtime.errors import MAX_THREADS  # noqa: E402
 from runtime.util.clierrors import finite_float, guarded_command  # noqa: E402
-from runtime.util.fileio import check_output, folder_lock  # noqa: E402
+from runtime.util.fileio import (  # noqa: E402
+    OutputError,
+    check_name_lengths,
+    check_output,
+    folder_lock,
+)
 from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from training.config import (  # noqa: E402
     LR_DECAYS,
@@ -50,6 +55,11 @@ def _check_out(ctx, param, value):
     # Checked as typed: Path("") is Path("."), which would train into the current folder.
     if value is not None and not value.strip():
         raise click.BadParameter("is empty; pass the run's folder, e.g. runs/digits")
+    if value is not None:  # before anything stats it: ENAMETOOLONG was an internal error
+        try:
+            check_name_lengths(Path(value) / CKPT_NAME, "--out")
+        except OutputError as err:
+            raise click.BadParameter(str(err)) from None
     return None if value is None else Path(value)
 
 

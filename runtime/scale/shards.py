@@ -25,6 +25,7 @@ from ..util.fileio import (
     NotRegularFileError,
     OutputError,
     atomic_output,
+    check_name_lengths,
     check_output,
     read_regular_file,
     write_text,
@@ -107,6 +108,7 @@ class BulkJob:
         Raises OutputError for a folder that cannot hold the job and JobMismatchError
         when it holds another job's manifest or stray shards.
         """
+        check_name_lengths(self.manifest_path, "--out")
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"--out {self.out} is a file; give a folder for the shards")
         check_output(self.manifest_path, inputs=inputs, option="--out")

@@ -118,7 +118,6 @@ class ModelRecord:
             raise ModelFileError(f"{source}: weights must be 'ema' or 'raw', got {self.weights!r}")
         try:
             check_schedule(self.schedule)
-            check_data_range(self.data_range)
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: invalid '{METADATA_KEY}' record: {err}; "
                                  "re-export the model") from None

@@ -296,6 +296,10 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    if out_path.suffix.lower() != ".onnx" or out_path.name.lower() == ".onnx":
+        # The runtime picks a model's backend by its suffix: model.jpg would be "a JPEG".
+        raise ValueError(f"-o/--out {out_path}: an ONNX file's name must end in .onnx; "
+                         f"give e.g. {out_path.with_name('model.onnx')}")
     check_output(out_path, inputs=[ckpt_path], option="-o/--out")
     check_output(unverified_path(out_path), inputs=[ckpt_path], option="-o/--out")
     ckpt = load_checkpoint(ckpt_path)  # validated: a bad record fails here, nothing written

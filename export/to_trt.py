@@ -58,7 +58,7 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
         raise click.BadParameter(f"{out}: .onnx is the ONNX model's suffix; give the engine "
                                  f"another, e.g. {out.with_suffix('.plan')}",
                                  param_hint="-o/--out")
-    from_onnx = source.suffix == ".onnx"
+    from_onnx = source.suffix.lower() == ".onnx"  # M.ONNX is an ONNX file too
     onnx_path = source if from_onnx else out.with_suffix(".onnx")
     # Every destination is checked before the (long) export and build; none may be an input.
     inputs = [source, onnx_path, timing_cache]

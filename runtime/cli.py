@@ -19,7 +19,13 @@ from .options import SEED, SampleOptions, click_options
 from .scale.cluster import RayClusterError
 from .scale.shards import DEFAULT_SHARD_SIZE
 from .util.clierrors import finite_float, guarded_group
-from .util.fileio import atomic_outputs, check_output, same_file
+from .util.fileio import (
+    atomic_outputs,
+    check_existing_targets,
+    check_name_lengths,
+    check_output,
+    same_file,
+)
 
 
 @click.group(cls=guarded_group(RayClusterError),
@@ -125,6 +131,9 @@ def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, de
 def _check_outputs(out: Path, npz: Path | None, each: Path | None, n: int,
                    inputs: list[Path]):
     """Refuse bad destinations before sampling; returns k -> the path of --each's k-th PNG."""
+    for path, option in ((out, "-o/--out"), (npz, "--npz"), (each, "--each")):
+        if path is not None:
+            check_name_lengths(path if option != "--each" else path / "00000.png", option)
     _check_suffix(out, ".png", "-o/--out", "the grid is written as PNG")
     check_output(out, inputs=inputs, option="-o/--out")
     if npz is not None:
@@ -140,6 +149,9 @@ def _check_outputs(out: Path, npz: Path | None, each: Path | None, n: int,
             raise click.BadParameter(f"{each} is a file, not a folder", param_hint="--each")
         others = [*inputs, out] + ([npz] if npz is not None else [])
         check_output(each_png(0), inputs=others, option="--each")
+        # Every PNG of the set, not only the first: one listing of the folder, not n stats.
+        check_existing_targets(each, lambda name: _each_index(name, n) is not None,
+                               option="--each")
         roles = {**{p: "an input" for p in inputs}, out: "-o/--out", npz: "--npz"}
         clash = _each_clash(each, n, others, each_png)
         if clash is not None:
@@ -158,12 +170,17 @@ def _check_suffix(path: Path, suffix: str, option: str, why: str) -> None:
         raise click.BadParameter(f"{path} must end in {suffix} ({why})", param_hint=option)
 
 
+def _each_index(name: str, n: int) -> int | None:
+    """k if ``name`` is the name of --each's k-th PNG for some k < n, else None."""
+    stem = name[:-len(".png")] if name.endswith(".png") else ""
+    k = int(stem) if stem.isdigit() and stem.isascii() else -1
+    return k if 0 <= k < n and f"{k:05d}.png" == name else None
+
+
 def _each_clash(each: Path, n: int, others: list[Path], each_png) -> tuple[int, Path] | None:
     """The first --each PNG (k < n) that is one of ``others``, by name or by link."""
     def index(name: str) -> int | None:
-        stem = name[:-len(".png")] if name.endswith(".png") else ""
-        k = int(stem) if stem.isdigit() else -1
-        return k if 0 <= k < n and each_png(k).name == name else None
+        return _each_index(name, n)
 
     folder = each.resolve()
     for other in others:  # an output that does not exist yet: by its name

@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import ModelFileError
 from .options import SampleOptions, sampler_options
 from .schedule import Schedule
@@ -109,15 +111,8 @@ class ModelRecord:
                 f"{source}: no '{METADATA_KEY}' metadata; export the model with "
                 "python export/to_onnx.py CHECKPOINT"
             )
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ModelFileError(f"{source}: the '{METADATA_KEY}' metadata is not valid JSON "
-                                 f"({err.msg} at char {err.pos}); re-export the model") from None
-        except RecursionError:  # e.g. '[' * 100000: not a record, whatever else it is
-            raise ModelFileError(f"{source}: the '{METADATA_KEY}' metadata nests too deeply "
-                                 "to be a model record; re-export the model") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(decode_json(text, source, f"the '{METADATA_KEY}' metadata",
+                                         "re-export the model", ModelFileError), source)
 
     def _validate(self, source: str) -> None:
         """What from_dict has not checked yet: the enumerations and the schedule's tables."""
@@ -128,10 +123,10 @@ class ModelRecord:
             raise ModelFileError(f"{source}: weights must be one of {WEIGHTS}, got "
                                  f"{self.weights!r}")
         try:
-            schedule = self.build_schedule()
+            schedule = check_schedule(self.schedule)
         except (KeyError, TypeError, ValueError) as err:
-            raise ModelFileError(f"{source}: invalid schedule in the '{METADATA_KEY}' record "
-                                 f"({err})") from None
+            raise ModelFileError(f"{source}: invalid '{METADATA_KEY}' record: {err}; "
+                                 "re-export the model") from None
         try:  # the options schema checks them, and the chain must hold their steps
             SampleOptions.make(defaults=self.defaults).respace(schedule)
             known = sampler_options()
@@ -143,6 +138,28 @@ class ModelRecord:
         except ValueError as err:
             raise ModelFileError(f"{source}: invalid sampling defaults in the '{METADATA_KEY}' "
                                  f"record ({err}); re-export the model") from None
+
+
+def decode_json(text: str | bytes, source, what: str, fix: str,
+                error: type[Exception] = ModelFileError) -> Any:
+    """JSON text of a small file or record, any failure one line naming ``source``:
+    invalid JSON or UTF-8, nesting too deep for the parser, an integer of more digits than
+    Python converts (a ValueError of its own), a number too large for a float."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError as err:
+        raise error(f"{source}: cannot read {what}: it is not UTF-8 text (byte "
+                    f"{err.start}); {fix}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{source}: {what} is not valid JSON ({err.msg} at char {err.pos}); "
+                    f"{fix}") from None
+    except RecursionError:  # e.g. '[' * 100000: not a record, whatever else it is
+        raise error(f"{source}: {what} nests too deeply to be read; {fix}") from None
+    except (ValueError, OverflowError) as err:  # a 5000-digit integer
+        raise error(f"{source}: {what} holds a number that cannot be read "
+                    f"({str(err).split(';')[0]}); {fix}") from None
 
 
 # === Field checks shared by the record and the training checkpoint ===
@@ -191,12 +208,29 @@ def check_image_shape(value: Any) -> tuple[int, int, int]:
     return c, h, w
 
 
+# The samplers clip x_0 to data_range in float32 and images are cut into up to 256 levels
+# of it: both ends must be finite float32 numbers, their difference too (a span of 1e39
+# overflows, all pixels black), and the span at least this many float32 steps of its ends
+# (a subnormal span, or [1, 1 + 1e-9], cannot be told from a point).
+MIN_RANGE_STEPS = 1024
+
+
 def check_data_range(value: Any) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError(f"data_range must be [low, high], got {value!r}")
     lo, hi = _real(value[0], "data_range low"), _real(value[1], "data_range high")
     if not lo < hi:
         raise ValueError(f"data_range must be [low, high] with low < high, got {[lo, hi]}")
+    with np.errstate(over="ignore"):
+        lo32, hi32 = np.float32(lo), np.float32(hi)
+        span = hi32 - lo32
+    if not (np.isfinite(lo32) and np.isfinite(hi32) and np.isfinite(span)):
+        raise ValueError(f"data_range {[lo, hi]} overflows float32, where images are sampled; "
+                         "give a range within +-1e38")
+    if not span >= MIN_RANGE_STEPS * np.spacing(max(abs(lo32), abs(hi32), np.float32(0))) \
+            or span < np.finfo(np.float32).tiny:
+        raise ValueError(f"data_range {[lo, hi]} is too narrow for float32, where images are "
+                         f"sampled (fewer than {MIN_RANGE_STEPS} float32 steps wide)")
     return lo, hi
 
 
@@ -234,6 +268,37 @@ def _betas(value: Any, num_timesteps: int) -> list[float]:
         raise ValueError(f"an explicit schedule's betas must be a list of num_timesteps "
                          f"({num_timesteps}) numbers")
     return [_real(b, "schedule betas") for b in value]
+
+
+# A schedule the samplers can run in float32 (float64 tables), whatever the spacing:
+# - every beta >= MIN_BETA: the first steps divide by 1 - alphas_cumprod = ~beta; below
+#   ~1e-16 that is 0 in float64 (NaN, all-black images), 1e-8 keeps 8 digits of it. The
+#   paper's 1e-4 and the cosine schedule's ~4e-7 at T = 100000 pass.
+# - the last alphas_cumprod >= MIN_ALPHAS_CUMPROD: a respaced beta is 1 - (ratio of two
+#   kept alphas_cumprod) >= ... and must stay below 1 in float64 (1 - 1e-15 does); x_0 =
+#   x_t / sqrt(ab) then stays within 3e7 x_t. The paper's schedule ends at 4e-5, the cosine
+#   one at ~2e-13 for T = 100000.
+MIN_BETA = 1e-8
+MIN_ALPHAS_CUMPROD = 1e-15
+
+
+def check_schedule(value: Any) -> Schedule:
+    """A schedule config (:func:`check_schedule_config`) whose schedule can be sampled
+    with any number of steps; returns the schedule. ValueError naming the bound if not."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # refused below, not warned about
+        schedule = Schedule.from_config(check_schedule_config(value))
+    low = int(np.argmin(schedule.betas))
+    if schedule.betas[low] < MIN_BETA:
+        raise ValueError(f"schedule beta at t={low} is {schedule.betas[low]:.3g}, below "
+                         f"{MIN_BETA:g} (the first steps would divide by ~0 in float64); "
+                         "use larger betas (beta_start, or the cosine schedule's s)")
+    last = schedule.alphas_cumprod[-1]
+    if last < MIN_ALPHAS_CUMPROD:
+        raise ValueError(f"schedule alphas_cumprod falls to {last:.3g} at "
+                         f"t={schedule.num_timesteps - 1}, below {MIN_ALPHAS_CUMPROD:g} (fewer "
+                         "sampling steps would need betas of 1); use fewer timesteps or "
+                         "smaller betas (beta_end, max_beta)")
+    return schedule
 
 
 def check_format_version(version: Any, current: int, source: str, what: str, fix: str,

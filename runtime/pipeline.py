@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -37,6 +38,10 @@ class Pipeline:
         self.schedule = record.build_schedule()
         self._closer = closer
         self._closed = False
+        # Calls running now: close() lets them finish and releases the backend after the
+        # last one (it was released under them: AttributeError, or a session reopened).
+        self._active = 0
+        self._lock = threading.Lock()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -78,6 +83,23 @@ class Pipeline:
         opts = SampleOptions.make(sampler, steps, spacing, defaults=self.record.defaults,
                                   **options)
         self._check_request(n, seed, BYTES_PER_VALUE_FLOAT)
+        with self._lock:
+            if self._closed:  # closed by another thread since the check above
+                raise ValueError(self._closed_message())
+            self._active += 1
+        try:
+            return self._sample_float(n, seed, opts, batch_size=batch_size,
+                                      progress=progress, callback=callback, cancel=cancel,
+                                      first_index=first_index)
+        finally:
+            with self._lock:
+                self._active -= 1
+                release = self._closed and self._active == 0
+            if release:
+                self._release()
+
+    def _sample_float(self, n: int, seed: int, opts: SampleOptions, *, batch_size, progress,
+                      callback, cancel, first_index: int) -> np.ndarray:
         check_int(first_index, "first_index", minimum=0)
         if cancel is not None and not callable(getattr(cancel, "is_set", None)):
             raise TypeError(f"cancel must have an is_set() method (e.g. threading.Event), "
@@ -132,8 +154,7 @@ class Pipeline:
     def _check_request(self, n, seed, bytes_per_value: int) -> None:
         """Refuse what cannot run before anything is allocated or sampled."""
         if self._closed:
-            raise ValueError(f"{self.source}: this pipeline is closed; open the model again "
-                             "with runtime.load()")
+            raise ValueError(self._closed_message())
         N.check(n)
         # An explicit seed always: None would silently give other images on every call.
         SEED.check(seed)
@@ -152,11 +173,24 @@ class Pipeline:
             batch = min(batch, self.max_batch)
         return min(batch, n)
 
+    def _closed_message(self) -> str:
+        return (f"{self.source}: this pipeline is closed; open the model again with "
+                "runtime.load()")
+
     def close(self) -> None:
-        self._closed = True
-        if self._closer is not None:
-            self._closer()
-            self._closer = None
+        """Refuse new calls; release the backend now, or when the calls running in other
+        threads have finished (they end with their images). Does not wait for them."""
+        with self._lock:
+            self._closed = True
+            idle = self._active == 0
+        if idle:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
 
     def __enter__(self):
         return self

@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileError
-from .metadata import ModelRecord
-from .util.fileio import write_text
+from .metadata import ModelRecord, decode_json
+from .util.fileio import NotRegularFileError, read_regular_file, write_text
 
 SIDECAR_VERSION = 1
 VERSION_KEY = "sidecar_version"
 ENGINE_KEY = "tensorrt"
 PRECISIONS = ("fp32", "fp16", "bf16")
+# A sidecar is ~2 KB of JSON; anything much larger is not one (and is not read whole).
+MAX_SIDECAR_BYTES = 1 << 20
 REBUILD_HINT = "rebuild it with python export/to_trt.py MODEL.onnx on this machine"
 
 
@@ -130,26 +132,18 @@ def read_sidecar(engine_path) -> EngineSidecar:
     """Read and validate ``<engine>.json``; a one-line ModelFileError naming that path if not."""
     path = sidecar_path(engine_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular_file(path, MAX_SIDECAR_BYTES)
     except FileNotFoundError:
         raise ModelFileError(
             f"{path}: engine sidecar not found; it must sit next to {Path(engine_path).name} "
             f"(export/to_trt.py writes both): copy it along, or {REBUILD_HINT}"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ModelFileError(f"{path}: cannot read the engine sidecar ({reason}); "
+    except NotRegularFileError as err:
+        raise ModelFileError(f"{path}: the engine sidecar {err}; {REBUILD_HINT}") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read the engine sidecar ({exc.strerror}); "
                              f"{REBUILD_HINT}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(
-            f"{path}: engine sidecar is not valid JSON (line {exc.lineno}: {exc.msg}); "
-            f"{REBUILD_HINT}"
-        ) from None
-    except RecursionError:
-        raise ModelFileError(f"{path}: engine sidecar nests too deeply to be a sidecar; "
-                             f"{REBUILD_HINT}") from None
+    data = decode_json(raw, path, "the engine sidecar", REBUILD_HINT)
     return EngineSidecar.from_dict(data, path)
 
 

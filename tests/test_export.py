@@ -187,6 +187,17 @@ def test_to_trt_without_tensorrt_writes_onnx_and_exits_3(trained_run, tmp_path):
         assert backend.record.num_levels == 17
 
 
+@pytest.mark.skipif(trt_unavailable_reason() is None, reason="TensorRT and a GPU are present here")
+def test_to_trt_takes_an_upper_case_onnx_suffix_as_onnx(tiny_onnx, tmp_path):
+    """M.ONNX is an ONNX file: read as one (its record), never loaded as a checkpoint."""
+    model = tmp_path / "M.ONNX"
+    model.write_bytes(tiny_onnx.read_bytes())
+    result = _cli("to_trt.py", model, "-o", tmp_path / "e.plan")
+    assert result.returncode == 3, result.stderr
+    assert "no TensorRT engine built" in result.stderr and "checkpoint" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["M.ONNX"]
+
+
 @pytest.mark.parametrize("content, match", [
     (None, "no such (checkpoint )?file"),
     (b"", "empty|truncated|corrupt|not a"),

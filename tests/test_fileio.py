@@ -109,3 +109,28 @@ def test_a_set_of_outputs_is_replaced_all_or_nothing(tmp_path):
             outputs.write_bytes(path, b"new")
     assert [p.read_bytes() for p in targets] == [b"new"] * 3
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_every_member_is_checked_before_the_first_rename(tmp_path):
+    """A later member whose target became a folder fails the set before any old file is
+    replaced (the rename of the first members used to happen already)."""
+    targets = [tmp_path / "grid.png", tmp_path / "a.npz", tmp_path / "each" / "00001.png"]
+    for path in targets[:2]:
+        path.write_bytes(b"old")
+    targets[2].mkdir(parents=True)
+    with pytest.raises(OutputError, match="00001.png.*is a folder"), \
+            atomic_outputs() as outputs:
+        for path in targets:
+            outputs.write_bytes(path, b"new")
+    assert [p.read_bytes() for p in targets[:2]] == [b"old"] * 2
+    assert targets[2].is_dir() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_names_too_long_are_one_line_naming_the_option(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long_name = tmp_path / ("n" * (limit + 1 - 4) + ".png")
+    long_path = tmp_path / "/".join(["d" * 200] * 21) / "x.png"
+    for path in (long_name, long_path):
+        with pytest.raises(OutputError, match="^--npz.*too long"):
+            check_output(path, option="--npz")
+    assert list(tmp_path.iterdir()) == []

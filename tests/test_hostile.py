@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -92,6 +93,14 @@ CKPT_EDITS = {
     "newer": lambda c: c.update(format_version=2),
     "t0": lambda c: c["schedule"].update(num_timesteps=0),
     "nan": lambda c: c["ema"][_first(c["ema"])].view(-1).__setitem__(0, float("nan")),
+    # The configs must agree with each other and sample in float32.
+    "t_mismatch": lambda c: c["train_config"].update(num_timesteps=500),
+    "huge_t": lambda c: c["train_config"].update(num_timesteps=10**9),
+    "tiny_beta": lambda c: (c["train_config"].update(beta_start=1e-20),
+                            c["schedule"].update(beta_start=1e-20)),
+    "wide_range": lambda c: c["data"].update(data_range=[-3e38, 3e38]),
+    "huge_ch": lambda c: c["model_config"].update(ch=2**40),
+    "huge_levels": lambda c: c["data"].update(num_levels=10**12),
 }
 
 
@@ -104,6 +113,21 @@ def bomb_png(path: Path, side: int = 30_000) -> Path:
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def patched_npz(path: Path, *, flag: int | None = None, method: int | None = None) -> Path:
+    """A real .npz of 40 digits whose one member claims to be encrypted (``flag``) or
+    compressed by another method (``method``), in both zip headers."""
+    np.savez(path, images=np.zeros((40, 8, 8), np.uint8))
+    data = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.index(signature) + offset
+        if flag is not None:
+            struct.pack_into("<H", data, at, flag)
+        if method is not None:
+            struct.pack_into("<H", data, at + 2, method)
+    path.write_bytes(bytes(data))
     return path
 
 
@@ -149,6 +173,20 @@ def engine_with_sidecar(folder: Path, name: str, record: dict, text: bytes | Non
     return engine
 
 
+def latin_record(src: Path, dst: Path) -> Path:
+    """A model whose record is not UTF-8 (protobuf strings must be): one byte changed."""
+    from tests.test_runtime import _rewrite_record
+
+    marker = "\u00e9ma-in-the-record"
+    _rewrite_record(src, dst, lambda r: json.dumps({**r, "weights": marker},
+                                                   ensure_ascii=False))
+    data = dst.read_bytes()
+    assert data.count(marker.encode()) == 1
+    # The same length (protobuf's length prefix stays right), and no longer UTF-8.
+    dst.write_bytes(data.replace(marker.encode(), b"\xe9A" + marker[1:].encode()))
+    return dst
+
+
 def onnx_record(path: Path) -> dict:
     import onnx
 
@@ -173,6 +211,16 @@ RECORD_EDITS = {
     "huge_image": lambda r: {**r, "image_shape": [3, 100_000, 100_000]},
     "five_channels": lambda r: {**r, "image_shape": [5, 8, 8]},
     "newer": lambda r: {**r, "format_version": 2},
+    # Schedules and ranges that load but cannot sample (all-black images, NaN).
+    "tiny_beta": lambda r: {**r, "schedule": {**r["schedule"], "beta_start": 1e-20}},
+    "cosine_underflow": lambda r: {**r, "schedule": {"kind": "cosine",
+                                                     "num_timesteps": 100_000, "s": 0.0}},
+    "steep": lambda r: {**r, "schedule": {**r["schedule"], "beta_end": 0.5}},
+    "overflow_range": lambda r: {**r, "data_range": [-3e38, 3e38]},
+    "subnormal_range": lambda r: {**r, "data_range": [0.0, 1e-40]},
+    "point_range": lambda r: {**r, "data_range": [1.0, 1.0 + 1e-9]},
+    "long_int": lambda r: json.dumps(r).replace('"num_levels": 17',
+                                                '"num_levels": ' + "9" * 5000),
 }
 
 
@@ -188,6 +236,15 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
            for name, edit in RECORD_EDITS.items()}
     not_utf8 = engine_with_sidecar(tmp_path, "latin", record,
                                    json.dumps(record).encode().replace(b'"ema"', b'"\xe9ma"'))
+    long_int = engine_with_sidecar(tmp_path, "digits", record, json.dumps(record).replace(
+        '"num_levels": 17', '"num_levels": ' + "9" * 5000).encode())
+    zero = engine_with_sidecar(tmp_path, "zero", record)
+    (tmp_path / "zero.plan.json").unlink()
+    (tmp_path / "zero.plan.json").symlink_to("/dev/zero")
+    fifo = engine_with_sidecar(tmp_path, "fifo", record)
+    (tmp_path / "fifo.plan.json").unlink()
+    os.mkfifo(tmp_path / "fifo.plan.json")
+    bad["latin_onnx"] = latin_record(tiny_onnx, tmp_path / "latin_onnx.onnx")
     sidecar_schedule = engine_with_sidecar(tmp_path, "sched", {**record, "schedule": "linear"})
     quick = ["--steps", "2", "-n", "2", "--no-progress"]
     # --each must not write over the model or the other outputs, at any index below -n.
@@ -196,7 +253,20 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
     model_in_each.write_bytes(tiny_onnx.read_bytes())
     (tmp_path / "each2").mkdir()
     (tmp_path / "each2" / "00002.png").hardlink_to(model)
+    # One set: a later --each PNG that no rename can replace fails before -o and --npz are.
+    (tmp_path / "each4" / "00001.png").mkdir(parents=True)
+    (tmp_path / "g4.png").write_bytes(b"the old grid")
+    (tmp_path / "a4.npz").write_bytes(b"the old arrays")
+    deep = tmp_path.joinpath(*["d" * 200] * 21)  # over PATH_MAX
     cases = [
+        (["sample", model, "-o", tmp_path / "g4.png", "--npz", tmp_path / "a4.npz",
+          "--each", tmp_path / "each4", *quick], "00001.png is a folder"),
+        (["sample", model, "-o", tmp_path / ("n" * 252 + ".png"), *quick], "-o/--out"),
+        (["sample", model, "--npz", tmp_path / ("n" * 252 + ".npz"), *quick], "--npz"),
+        (["sample", model, "--each", tmp_path / ("n" * 256), *quick], "--each"),
+        (["sample", model, "-o", deep / "s.png", *quick], "-o/--out"),
+        (["sample", model, "--npz", deep / "a.npz", *quick], "--npz"),
+        (["sample", model, "--each", deep, *quick], "--each"),
         (["sample", model_in_each, "--each", tmp_path / "each1", "--backend", "ort",
           "-o", tmp_path / "g.png", *quick], "also an input"),
         (["sample", model, "--each", tmp_path / "each2", "-o", tmp_path / "g.png",
@@ -224,6 +294,15 @@ def test_runtime_cli_refuses_bad_input(tiny_onnx, tmp_path):
          "infinite_range.onnx"),
         (["sample", not_utf8, "--backend", "trt", *quick], "latin.plan.json"),
         (["sample", sidecar_schedule, "--backend", "trt", *quick], "sched.plan"),
+        (["sample", long_int, "--backend", "trt", *quick], "digits.plan.json"),
+        (["sample", zero, "--backend", "trt", *quick], "zero.plan.json"),
+        (["sample", fifo, "--backend", "trt", *quick], "fifo.plan.json"),
+        (["sample", tmp_path / "fifo.plan.json", "--backend", "ort", *quick],
+         "not a regular file"),
+        (["sample", tmp_path / ("n" * 256 + ".onnx"), *quick], "cannot open the model"),
+        (["sample", bad["tiny_beta"], *quick, "-o", tmp_path / "black.png"], "beta"),
+        (["sample", bad["overflow_range"], *quick, "-o", tmp_path / "black.png"],
+         "data_range"),
         *[(["info", path], path.name) for path in bad.values()],
     ]
     run_table("runtime.cli:main", cases, tmp_path)
@@ -292,6 +371,8 @@ def test_train_cli_refuses_bad_input(ckpt, tmp_path):
     np.savez(data / "other.npz", images=np.zeros((300, 8, 8), np.uint8))
     runs = {name: write_ckpt(tmp_path / "runs" / name / "ckpt.pt", ckpt, edit).parent
             for name, edit in CKPT_EDITS.items()}
+    runs["no_spec"] = write_ckpt(tmp_path / "runs" / "no_spec" / "ckpt.pt", ckpt,
+                                 lambda c: c["data"].pop("spec")).parent
     runs["empty_optimizer"] = write_ckpt(tmp_path / "runs" / "empty_optimizer" / "ckpt.pt",
                                          ckpt, lambda c: c.update(optimizer={})).parent
     good = write_ckpt(tmp_path / "runs" / "good" / "ckpt.pt", ckpt, lambda c: None).parent
@@ -304,6 +385,8 @@ def test_train_cli_refuses_bad_input(ckpt, tmp_path):
         (["--data", "", *fresh], "--data"),
         (["--threads", 10**9, *fresh], "--threads"),
         (["--out", "/proc/no/run", "--no-progress"], "--out"),
+        (["--out", tmp_path / ("n" * 256), "--no-progress"], "--out"),
+        (["--out", tmp_path.joinpath(*["d" * 200] * 21), "--no-progress"], "--out"),
         (["--data", data / "bombs", *fresh], "bomb.png"),
         (["--data", data / "three.npz", *fresh], "--batch-size"),
         (["--out", good, "--resume", "--data", data / "other.npz"], "--data"),
@@ -330,6 +413,8 @@ def test_refused_train_commands_leave_the_run_and_the_data_untouched(ckpt, tmp_p
         header = {"descr": "|u1", "fortran_order": False, "shape": (10**11, 8, 8)}
         z.writestr("images.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", 118)
                    + repr(header).encode().ljust(117) + b"\n")
+    patched_npz(data / "encrypted.npz", flag=0x1)  # zipfile: RuntimeError, password
+    patched_npz(data / "method97.npz", method=97)  # zipfile: NotImplementedError
     run = write_ckpt(tmp_path / "run" / "ckpt.pt", ckpt, lambda c: None).parent
     (run / "log.jsonl").write_text('{"step": 100, "loss": 0.5}\n{"step": 300, "loss": 0.4}\n')
     shrunk = write_ckpt(tmp_path / "shrunk" / "ckpt.pt", ckpt,
@@ -347,6 +432,8 @@ def test_refused_train_commands_leave_the_run_and_the_data_untouched(ckpt, tmp_p
         ([*over, tmp_path / "nonexistent.npz"], "nonexistent.npz"),
         ([*over, data / "renamed.npz"], "renamed.npz"),
         ([*over, data / "huge.npz"], "huge.npz"),
+        ([*over, data / "encrypted.npz"], "encrypted.npz"),
+        ([*over, data / "method97.npz"], "method97.npz"),
         ([*over, data / "five.npz", "--batch-size", "8"], "--batch-size"),
         (["--data", images, "--out", images, "--no-progress"], "--out"),
         (["--data", images, "--out", images / "run", "--no-progress"], "--out"),
@@ -401,6 +488,10 @@ def test_export_clis_refuse_bad_input(ckpt, trained_run, tiny_onnx, tmp_path):
         ([good, "-o", "/proc/no/model.onnx"], "-o/--out"),
         ([good, "-o", good / "model.onnx"], f"{good} is a file, not a folder"),
         ([good, "-o", tmp_path / "x.onnx", "--tolerance", "nan"], "--tolerance"),
+        # An ONNX file under another name would be picked up as what its suffix says.
+        ([good, "-o", tmp_path / "model.jpg"], ".onnx"),
+        ([good, "-o", tmp_path / ("n" * 252 + ".onnx")], "-o/--out"),
+        ([good, "-o", tmp_path.joinpath(*["d" * 200] * 21, "m.onnx")], "-o/--out"),
         # A failed verification: model.onnx stays as it was, the new file is set aside.
         ([good, "-o", deployed, "--tolerance", "1e-12"], "model.unverified.onnx"),
         *[([path, "-o", tmp_path / f"{name}.onnx"], path.name)
@@ -427,6 +518,7 @@ def test_export_clis_refuse_bad_input(ckpt, trained_run, tiny_onnx, tmp_path):
         ([variants["t0"], "-o", tmp_path / "t0.plan"], "t0.pt"),
         ([deployed, "-o", tmp_path / "e.plan", "--min-batch", "8", "--max-batch", "2"],
          "--opt-batch"),
+        ([deployed, "-o", tmp_path / ("n" * 252 + ".plan")], "-o/--out"),
     ]
     run_table("export.to_trt:main", cases, tmp_path)
 

@@ -143,6 +143,32 @@ def test_any_damaged_shard_counts_as_missing(tmp_path):
                 np.testing.assert_array_equal(data["images"], images)
 
 
+def test_a_shard_of_another_job_is_never_read_as_this_jobs(tmp_path):
+    """No Ray needed: a shard file copied in from another folder (another job id), or one of
+    this job under another shard's name, is refused naming the file."""
+    from runtime.scale.shards import JobMismatchError
+
+    rng = np.random.default_rng(0)
+    jobs = {}
+    for seed in (0, 1):
+        job = BulkJob(tmp_path / f"job{seed}", model_sha256="0" * 64, image_shape=(1, 4, 4),
+                      n=4, seed=seed, shard_size=2, sample_options={"steps": 2})
+        job.prepare()
+        for shard in job.shards:
+            job.write_shard(shard, rng.integers(0, 256, (2, 4, 4, 1), dtype=np.uint8))
+        job.write_manifest(complete=True)
+        jobs[seed] = job
+    images, indices = read_images(jobs[0].out)
+    assert images.shape == (4, 4, 4, 1) and list(indices) == [0, 1, 2, 3]
+    mine = jobs[0].out / "shard-00000.npz"
+    shutil.copyfile(jobs[1].out / "shard-00000.npz", mine)
+    with pytest.raises(JobMismatchError, match=f"{mine}: a shard of another job"):
+        read_images(jobs[0].out)
+    shutil.copyfile(jobs[0].out / "shard-00001.npz", mine)
+    with pytest.raises(JobMismatchError, match=f"{mine}: holds images other than 0..1"):
+        read_images(jobs[0].out)
+
+
 @needs_ray
 def test_bad_sizes_and_damaged_manifests_are_one_line(tiny_onnx, tmp_path):
     from tests.test_hostile import run_table
@@ -158,6 +184,11 @@ def test_bad_sizes_and_damaged_manifests_are_one_line(tiny_onnx, tmp_path):
                     "model_sha256": "0" * 64, **edit}
         (out / MANIFEST).write_text(json.dumps(manifest))
         cases.append((["bulk", tiny_onnx, *options, "--out", out], str(out / MANIFEST)))
+    for name, text in {"deep": "[" * 100_000, "digits": '{"n": ' + "9" * 5000 + "}"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MANIFEST).write_text(text)
+        cases.append((["bulk", tiny_onnx, *options, "--out", tmp_path / name],
+                      str(tmp_path / name / MANIFEST)))
     run_table("runtime.cli:main", cases, tmp_path)
 
 

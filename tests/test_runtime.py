@@ -350,3 +350,44 @@ def test_automatic_shards_leave_cores_busy_elsewhere_alone(tiny_onnx):
 def _spin(stop) -> None:
     while not stop.is_set():
         pass
+
+
+def test_close_while_another_thread_samples_lets_that_call_finish(tiny_onnx):
+    """Real threads: close() from one thread while another is inside sample(). The running
+    call ends with its images (the backend is released after it), later calls are refused
+    with the one-line 'closed' error, and close() itself does not wait for the sampler."""
+    import threading
+
+    from runtime.backends import open_backend
+    from runtime.pipeline import Pipeline
+
+    started, closed, result, events = threading.Event(), threading.Event(), {}, []
+
+    def hold(step, total):
+        events.append(step)
+        if step == 1:
+            started.set()
+            assert closed.wait(30)
+
+    def run():
+        try:
+            result["images"] = pipe.sample(2, 0, steps=4, callback=hold, progress=False)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            result["error"] = err
+
+    backend = open_backend(tiny_onnx)
+    pipe = Pipeline(backend, backend.record, source=str(tiny_onnx), backend_name=backend.name,
+                    closer=lambda: (events.append("released"), backend.close()))
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(60)
+    pipe.close()
+    closed.set()
+    worker.join(60)
+    assert not worker.is_alive() and "error" not in result, result.get("error")
+    assert events == [1, 2, 3, 4, "released"]  # released once, after the running call
+    with runtime.load(tiny_onnx) as fresh:
+        np.testing.assert_array_equal(result["images"], fresh.sample(2, 0, steps=4,
+                                                                     progress=False))
+    with pytest.raises(ValueError, match="closed"):
+        pipe.sample(2, 0, steps=2, progress=False)

@@ -384,3 +384,46 @@ def test_train_py_runs_as_a_file_from_the_repository_root():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--preset" in result.stdout and "--resume" in result.stdout
+
+
+def test_a_second_training_into_a_running_runs_folder_is_refused(tmp_path):
+    """Two real processes: the second is refused in one line naming the folder, before it
+    writes anything; a lock file left by a killed run blocks nothing."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--out", str(out),
+           "--batch-size", "32", "--sample-every", "0", "--save-every", "0", "--threads", "1",
+           "--no-progress"]
+    first = subprocess.Popen([*cmd, "--steps", "100000"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".lock").exists():  # it owns the folder now
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        before = sorted(p.name for p in out.iterdir())
+        second = subprocess.run([*cmd, "--steps", "5"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        (line,) = second.stderr.strip().splitlines()
+        assert str(out) in line and f"pid {first.pid}" in line and "--out" in line
+        assert first.poll() is None  # the owner runs on, its folder as it was
+        assert sorted(p.name for p in out.iterdir()) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / ".lock").exists()  # kill -9 left it; the kernel dropped the lock
+    third = subprocess.run([*cmd, "--steps", "2", "--overwrite"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert [r["step"] for r in _records(out)] == [2]
+    assert not (out / ".lock").exists()  # a clean exit removes it
+
+
+def test_an_empty_out_is_refused_not_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _cli(["--out", "", "--steps", "1", "--batch-size", "32", "--sample-every", "0",
+                   "--no-progress"])
+    assert result.exit_code == 2 and "--out" in result.output and "empty" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from runtime.metadata import (
+    MAX_LEVELS,
     check_data_range,
     check_format_version,
     check_image_shape,
     check_integer,
-    check_schedule_config,
+    check_schedule,
 )
 from runtime.util.clierrors import one_line
 from runtime.util.fileio import atomic_output
@@ -140,8 +141,8 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
     checks = {
         "model_config": ModelConfig.from_dict,
         "train_config": TrainConfig.from_dict,
-        "schedule": check_schedule_config,
-        "data": _check_data,
+        "schedule": check_schedule,
+        "data": lambda v: _check_data(v, resume),
         "step": lambda v: check_integer(v, "step", 0, None),
     }
     parsed = {}
@@ -150,6 +151,11 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
             parsed[name] = check(ckpt[name])
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             raise bad(f"invalid '{name}' ({one_line(err)})") from None
+    # The configs against each other: training rebuilds its schedule from train_config,
+    # export and the runtime read 'schedule'; they must be the same chain.
+    disagree = _schedule_disagreement(parsed["train_config"], parsed["schedule"].config)
+    if disagree:
+        raise bad(f"its train_config and its 'schedule' disagree on {disagree}")
     config = parsed["model_config"]
     expected_shape = (config.in_channels, config.image_size, config.image_size)
     if parsed["data"] != expected_shape:
@@ -170,12 +176,27 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
                 raise bad(f"cannot resume: '{name}' state {problem}")
 
 
-def _check_data(data: Any) -> tuple[int, int, int]:
+def _check_data(data: Any, resume: bool) -> tuple[int, int, int]:
     if not isinstance(data, dict):
         raise TypeError(f"expected an object, got {type(data).__name__}")
     check_data_range(data["data_range"])
-    check_integer(data["num_levels"], "num_levels", 2, None)
+    check_integer(data["num_levels"], "num_levels", 2, MAX_LEVELS)
+    for key in ("name", "spec"):
+        value = data.get(key)
+        # A resumed run reloads its data by 'spec'; export only names it.
+        if (value is not None or (resume and key == "spec")) \
+                and not (isinstance(value, str) and value.strip()):
+            raise ValueError(f"{key} must be a non-empty string, got {value!r}")
     return check_image_shape(data["image_shape"])
+
+
+def _schedule_disagreement(train: TrainConfig, schedule: dict[str, Any]) -> str | None:
+    expected = {"kind": train.schedule_kind, "num_timesteps": train.num_timesteps}
+    if train.schedule_kind == "linear":
+        expected.update(beta_start=train.beta_start, beta_end=train.beta_end)
+    diffs = [f"{key} ({value!r} vs {schedule.get(key)!r})"
+             for key, value in expected.items() if schedule.get(key) != value]
+    return ", ".join(diffs) or None
 
 
 def nonfinite_tensor(tensors: dict[str, Any]) -> str | None:

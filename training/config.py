@@ -11,9 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.metadata import MAX_CHANNELS, MAX_IMAGE_SIDE, check_schedule
 from runtime.schedule import Schedule
 
 SCHEDULE_KINDS = ("linear", "cosine")
+MAX_WIDTH = 8192
+MAX_RES_BLOCKS = 32
+MAX_LEVELS_DOWN = 12
 LR_DECAYS = ("none", "cosine")
 MAX_SEED = 2**63 - 1
 # Adam moves each weight by about lr per step; beyond 1 a step outweighs any trained weight.
@@ -42,6 +46,16 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ModelConfig.ch_mult must be positive integers, got {self.ch_mult}")
+        # Sizes far above any real U-Net (the paper's widest level is 256 channels, 6
+        # levels, 2 blocks), checked before a network is built from a file's numbers.
+        for name, value, limit in (
+                ("image_size", self.image_size, MAX_IMAGE_SIDE),
+                ("in_channels", self.in_channels, MAX_CHANNELS),
+                ("num_res_blocks", self.num_res_blocks, MAX_RES_BLOCKS),
+                ("len(ch_mult)", len(self.ch_mult), MAX_LEVELS_DOWN),
+                ("width ch * max(ch_mult)", self.ch * max(self.ch_mult), MAX_WIDTH)):
+            if value > limit:
+                raise ValueError(f"ModelConfig.{name} is {value}, more than {limit}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must lie in [0, 1), got {self.dropout}")
         factor = 2 ** (len(self.ch_mult) - 1)
@@ -126,6 +140,19 @@ class TrainConfig:
                              f"got {self.schedule_kind!r}")
         if self.preview_steps > self.num_timesteps:
             raise ValueError("TrainConfig.preview_steps cannot exceed num_timesteps")
+        # The runtime's bounds (T, betas that sample in float32), before any training: a
+        # schedule the exporter would refuse is refused here.
+        try:
+            check_schedule(self.schedule_config())
+        except ValueError as err:
+            raise ValueError(f"TrainConfig: {err}") from None
+
+    def schedule_config(self) -> dict[str, Any]:
+        """The schedule's config (``Schedule.config``) without building its tables."""
+        config = {"kind": self.schedule_kind, "num_timesteps": self.num_timesteps}
+        if self.schedule_kind == "linear":
+            config.update(beta_start=self.beta_start, beta_end=self.beta_end)
+        return config
 
     def schedule(self) -> Schedule:
         """The runtime's numpy schedule: the one source of the diffusion math."""

@@ -15,6 +15,7 @@ import math
 import pickle
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -105,6 +106,13 @@ def _digits(image_size: int, channels: int) -> Dataset:
     return Dataset(name="digits", spec="digits", levels=levels, num_levels=17)
 
 
+# What reading a damaged or unusual .npz can raise: zipfile raises RuntimeError for an
+# encrypted member and NotImplementedError for a compression method it lacks; zlib.error
+# for a damaged deflate stream.
+_UNREADABLE_NPZ = (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError,
+                   zipfile.BadZipFile, zlib.error)
+
+
 def _check_npz_header(path: Path, spec: str) -> None:
     """Read the 'images' member's .npy header (shape, dtype) and refuse before loading what
     is not a zip archive, not uint8, or claims more bytes than the member holds."""
@@ -124,7 +132,7 @@ def _check_npz_header(path: Path, spec: str) -> None:
                 read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                         else np.lib.format.read_array_header_2_0)
                 shape, _, dtype = read(f)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+    except (*_UNREADABLE_NPZ, DatasetError) as err:
         if isinstance(err, DatasetError):
             raise
         raise DatasetError(f"{spec}: not a readable .npz file ({one_line(err)}); {fix}") \
@@ -148,7 +156,7 @@ def _npz(path: Path, spec: str, image_size: int, channels: int) -> Dataset:
     except MemoryError:
         raise DatasetError(f"{spec}: 'images' does not fit in this machine's memory; "
                            "train on a smaller subset") from None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+    except _UNREADABLE_NPZ as err:
         raise DatasetError(f"{spec}: not a readable .npz file ({one_line(err)}); {NPZ_FIX}") \
             from None
     if images.ndim == 3 and channels == 1:

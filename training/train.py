@@ -7,6 +7,7 @@ Multi-GPU / multi-node: `torchrun --nproc_per_node N training/train.py --preset 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -19,7 +20,12 @@ import click  # noqa: E402
 
 from runtime.errors import MAX_THREADS  # noqa: E402
 from runtime.util.clierrors import finite_float, guarded_command  # noqa: E402
-from runtime.util.fileio import check_output  # noqa: E402
+from runtime.util.fileio import (  # noqa: E402
+    OutputError,
+    check_name_lengths,
+    check_output,
+    folder_lock,
+)
 from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from training.config import (  # noqa: E402
     LR_DECAYS,
@@ -31,7 +37,7 @@ from training.config import (  # noqa: E402
     preset,
 )
 from training.data import DatasetError, load_dataset  # noqa: E402
-from training.distributed import DeviceError  # noqa: E402
+from training.distributed import DeviceError, dist_info_from_env  # noqa: E402
 from training.trainer import CKPT_NAME, LOG_NAME, DivergedError, train  # noqa: E402
 
 # Options a resumed run takes from its checkpoint; giving a different value is an error.
@@ -43,6 +49,18 @@ def _check_device(ctx, param, value: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
     return value
+
+
+def _check_out(ctx, param, value):
+    # Checked as typed: Path("") is Path("."), which would train into the current folder.
+    if value is not None and not value.strip():
+        raise click.BadParameter("is empty; pass the run's folder, e.g. runs/digits")
+    if value is not None:  # before anything stats it: ENAMETOOLONG was an internal error
+        try:
+            check_name_lengths(Path(value) / CKPT_NAME, "--out")
+        except OutputError as err:
+            raise click.BadParameter(str(err)) from None
+    return None if value is None else Path(value)
 
 
 def _check_data(ctx, param, value):
@@ -72,7 +90,8 @@ def _check_data(ctx, param, value):
               help="After warmup: keep the learning rate (none), or decay it to 0 at --steps "
                    "along a half cosine (a resume with a larger --steps stretches the curve). "
                    "[default: the preset's]")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              callback=_check_out,
               help="Run directory for ckpt.pt, log.jsonl and sample grids. [default: "
                    "runs/<preset>]")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is OUT/ckpt.pt.")
@@ -109,9 +128,7 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
                               train_config=train_config, given=given)
         data = _resume_data(data, resume_from["data"]["spec"], ckpt_path)
     else:
-        if ckpt_path.exists() and not overwrite:
-            raise click.UsageError(f"{ckpt_path} exists; pass --resume to continue that run, "
-                                   "--overwrite to start afresh, or choose another --out")
+        _check_fresh(ckpt_path, overwrite)
         model_config, train_config = preset(preset_name)
         if data is None:
             if preset_name != "digits":
@@ -130,15 +147,31 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
     # The run's outputs are checked now, not after the first hour of training.
     for name in (CKPT_NAME, LOG_NAME):
         check_output(out_dir / name, inputs=[data] if data != "digits" else [], option="--out")
-    dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
-    # Nothing was written or removed so far: a refused command leaves OUT as it was (a fresh
-    # run's log is emptied by the trainer, once it has accepted the data and options).
-    trainer = train(model_config, train_config, dataset, out_dir, device=device, bf16=bf16,
-                    resume_from=resume_from, progress=progress, threads=threads)
+    # A run folder has one owner: a second training into it (started at the same time)
+    # is refused here, before it reads the data or writes anything. Under torchrun only
+    # rank 0 writes, so only it owns the folder.
+    owner = (folder_lock(out_dir, what="training") if dist_info_from_env().is_main
+             else contextlib.nullcontext())
+    with owner:
+        if resume_from is None:  # a run that ended while we were checking left its ckpt.pt
+            _check_fresh(ckpt_path, overwrite)
+        dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
+        # Nothing was written or removed so far: a refused command leaves OUT as it was (a
+        # fresh run's log is emptied by the trainer, once it has accepted the data and
+        # options).
+        trainer = train(model_config, train_config, dataset, out_dir, device=device,
+                        bf16=bf16, resume_from=resume_from, progress=progress,
+                        threads=threads)
     if trainer.info.is_main:
         click.echo(f"trained to step {trainer.step} in {trainer.elapsed_s / 60:.1f} min of "
                    f"training; checkpoint {ckpt_path}, log {out_dir / LOG_NAME}, "
                    f"samples {out_dir}/samples_{trainer.step:07d}.png")
+
+
+def _check_fresh(ckpt_path: Path, overwrite: bool) -> None:
+    if ckpt_path.exists() and not overwrite:
+        raise click.UsageError(f"{ckpt_path} exists; pass --resume to continue that run, "
+                               "--overwrite to start afresh, or choose another --out")
 
 
 def _same_data(given: str, recorded: str) -> bool:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import pkgutil
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -193,8 +195,15 @@ def model_digest(files: list[Path]) -> str:
 
 
 def _check_model_path(path) -> None:
-    if Path(path).is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelFileError(f"{path}: no such model file") from None
+    except OSError as err:  # a name too long, a link loop, no permission
+        raise ModelFileError(f"{path}: cannot open the model file ({err.strerror})") from None
+    if stat.S_ISDIR(mode):
         raise ModelFileError(f"{path} is a folder, not a model file; give the .onnx or .plan "
                              "file inside it")
-    if not Path(path).is_file():
-        raise ModelFileError(f"{path}: no such model file")
+    if not stat.S_ISREG(mode):  # a FIFO would hang the engine's reader, /dev/zero never end
+        raise ModelFileError(f"{path} is not a regular file (a device, FIFO or socket); give "
+                             "the .onnx or .plan file")

@@ -103,9 +103,12 @@ class OrtBackend:
         self.max_batch: int | None = None  # the batch axis is dynamic
         self.providers = running
         self.name = f"onnxruntime:{running[0]}"
-        self.record = ModelRecord.from_json(
-            self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), str(self.path)
-        )
+        try:  # ONNX Runtime decodes every metadata string as UTF-8 here
+            text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        except UnicodeDecodeError as err:
+            raise ModelFileError(f"{self.path}: its metadata is not UTF-8 text (byte "
+                                 f"{err.start} of an entry); re-export the model") from None
+        self.record = ModelRecord.from_json(text, str(self.path))
         self._check_signature()
         self._gpu = device != "cpu"
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ort-shard")

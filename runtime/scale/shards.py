@@ -20,7 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..util.fileio import OutputError, atomic_output, check_output, write_text
+from ..metadata import decode_json
+from ..util.fileio import (
+    NotRegularFileError,
+    OutputError,
+    atomic_output,
+    check_name_lengths,
+    check_output,
+    read_regular_file,
+    write_text,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "ddpm-bulk"
@@ -99,6 +108,7 @@ class BulkJob:
         Raises OutputError for a folder that cannot hold the job and JobMismatchError
         when it holds another job's manifest or stray shards.
         """
+        check_name_lengths(self.manifest_path, "--out")
         if self.out.exists() and not self.out.is_dir():
             raise OutputError(f"--out {self.out} is a file; give a folder for the shards")
         check_output(self.manifest_path, inputs=inputs, option="--out")
@@ -114,20 +124,7 @@ class BulkJob:
         write_text(self.manifest_path, json.dumps(self.manifest(complete), indent=1) + "\n")
 
     def _read_manifest(self) -> dict:
-        try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise JobMismatchError(f"{self.manifest_path}: unreadable manifest ({err}); "
-                                   "remove the folder or choose another --out") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise JobMismatchError(f"{self.manifest_path} is not a bulk sampling manifest; "
-                                   "choose another --out")
-        if (not isinstance(data.get("options"), dict)
-                or not isinstance(data.get("model_sha256"), str)):
-            raise JobMismatchError(f"{self.manifest_path}: damaged manifest ('options' must "
-                                   "be an object, 'model_sha256' a string); remove the folder "
-                                   "or choose another --out")
-        return data
+        return read_manifest(self.out, "remove the folder or choose another --out")
 
     def _check_manifest(self, data: dict) -> None:
         theirs = dict(data["options"], model_sha256=data["model_sha256"])
@@ -176,13 +173,68 @@ def _write_npz(f, arrays: dict) -> None:
                 np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
 
 
+# A manifest lists at most MAX_SHARDS shards of ~60 bytes each.
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def read_manifest(out, fix: str) -> dict:
+    """The folder's manifest.json, checked to be a bulk manifest; JobMismatchError naming
+    it otherwise (``fix`` says what to do)."""
+    path = Path(out) / MANIFEST
+    try:
+        raw = read_regular_file(path, MAX_MANIFEST_BYTES)
+    except (OSError, NotRegularFileError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"it {err}"
+        raise JobMismatchError(f"{path}: unreadable manifest ({reason}); {fix}") from None
+    data = decode_json(raw, path, "the manifest", fix, JobMismatchError)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise JobMismatchError(f"{path} is not a bulk sampling manifest; {fix}")
+    if (not isinstance(data.get("options"), dict)
+            or not isinstance(data.get("model_sha256"), str)):
+        raise JobMismatchError(f"{path}: damaged manifest ('options' must be an object, "
+                               f"'model_sha256' a string); {fix}")
+    return data
+
+
 def read_images(out) -> tuple[np.ndarray, np.ndarray]:
-    """All images of a finished job folder in index order: (uint8 [n, H, W, C], int64 [n])."""
+    """All images of a finished job folder in index order: (uint8 [n, H, W, C], int64 [n]).
+
+    Every shard must carry the manifest's job id and its own indices: a shard file copied
+    in from another job's folder is refused (JobMismatchError naming it), never returned
+    as this job's images.
+    """
     out = Path(out)
-    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    fix = "rerun the bulk command on this folder to draw it again"
+    manifest = read_manifest(out, "it is not a finished bulk job folder")
+    job_id, entries = manifest.get("job_id"), manifest.get("shards")
+    if not isinstance(job_id, str) or not isinstance(entries, list) or \
+            manifest.get("complete") is not True:
+        raise JobMismatchError(f"{out / MANIFEST}: the job is not complete (or the manifest is "
+                               f"damaged); {fix}")
     images, indices = [], []
-    for entry in manifest["shards"]:
-        with np.load(out / entry["file"], allow_pickle=False) as data:
-            images.append(data["images"])
-            indices.append(data["indices"])
+    for entry in entries:
+        try:
+            name, first, count = entry["file"], int(entry["first"]), int(entry["count"])
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ValueError(f"shard file {name!r} is not a name in the folder")
+            path = out / name
+        except (TypeError, KeyError, ValueError) as err:
+            raise JobMismatchError(f"{out / MANIFEST}: damaged shard entry {entry!r} ({err}); "
+                                   f"{fix}") from None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                theirs, shard_images = str(data["job_id"]), data["images"]
+                shard_indices = data["indices"]
+        except _UNREADABLE as err:
+            raise JobMismatchError(f"{path}: unreadable shard ({type(err).__name__}); "
+                                   f"{fix}") from None
+        if theirs != job_id:
+            raise JobMismatchError(f"{path}: a shard of another job (job id {theirs!r}, this "
+                                   f"folder's is {job_id!r}); remove it and {fix}")
+        want = np.arange(first, first + count, dtype=np.int64)
+        if not np.array_equal(shard_indices, want) or len(shard_images) != count:
+            raise JobMismatchError(f"{path}: holds images other than {first}..{first + count - 1}"
+                                   f" of this job; remove it and {fix}")
+        images.append(shard_images)
+        indices.append(shard_indices)
     return np.concatenate(images), np.concatenate(indices)

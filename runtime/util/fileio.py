@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -56,6 +58,45 @@ def check_output(path, *, inputs: Iterable = (), option: str = "output") -> Path
     path = Path(path)
     if str(path) in ("", "."):
         raise OutputError(f"{option}: empty output path; give a file name")
+    check_name_lengths(path, option)
+    try:
+        return _check_output(path, inputs, option)
+    except OSError as err:  # what the checks above cannot foresee (EIO, ELOOP, ...)
+        raise OutputError(f"{option} {describe_os_error(err, path)}") from None
+
+
+# POSIX's limits where pathconf cannot tell (a folder that does not exist yet).
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def check_name_lengths(path, option: str = "output") -> None:
+    """Refuse a path the OS would refuse with ENAMETOOLONG: a component longer than the
+    file system's NAME_MAX bytes, or a path of PATH_MAX bytes or more (with its NUL)."""
+    path = Path(path)
+    encoded = os.fsencode(path)
+    if len(encoded) >= PATH_MAX:
+        raise OutputError(f"{option}: the path is {len(encoded)} bytes long, too long (the "
+                          f"limit is {PATH_MAX - 1}); choose a shorter path")
+    existing = next((p for p in [path.parent, *path.parent.parents] if _is_dir(p)), None)
+    try:
+        limit = os.pathconf(existing or ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = NAME_MAX
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            raise OutputError(f"{option} {path}: the name {part[:40]}... is "
+                              f"{len(os.fsencode(part))} bytes, too long (the file system "
+                              f"takes {limit}); choose a shorter name")
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _check_output(path: Path, inputs: Iterable, option: str) -> Path:
     for source in inputs:
         if source is not None and same_file(path, Path(source)):
             raise OutputError(f"{option} {path} is also an input of this command; "
@@ -172,6 +213,26 @@ def describe_os_error(err: OSError, path) -> str:
     return f"{path}: cannot write ({err.strerror or err}); choose another output path"
 
 
+def check_existing_targets(folder, is_target, option: str | None = None) -> None:
+    """Refuse targets in ``folder`` (names for which ``is_target(name)`` holds) that a rename
+    cannot replace: folders, and files that are read-only. One listing of the folder,
+    however many targets (``--each`` writes one file per image)."""
+    folder = Path(folder)
+    try:
+        entries = [e for e in os.scandir(folder) if is_target(e.name)]
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise OutputError(describe_os_error(err, folder)) from None
+    for entry in sorted(entries, key=lambda e: e.name):
+        where = f"{option} {folder / entry.name}" if option else str(folder / entry.name)
+        if entry.is_dir():
+            raise OutputError(f"{where} is a folder; remove it or choose another output path")
+        if not os.access(entry.path, os.W_OK):
+            raise OutputError(f"{where}: the existing file is read-only; choose another "
+                              "output path or make it writable")
+
+
 class OutputSet:
     """The outputs of one command, written to temporaries and renamed into place together.
 
@@ -209,6 +270,13 @@ class OutputSet:
             if not tmp.exists():
                 raise OutputError(f"{path}: the writer produced no file")
             _fsync_file(tmp)
+        # Every target is checked before the first rename: a folder (or a read-only file)
+        # under the 1000th name must not leave the first 999 already replaced.
+        by_folder: dict[Path, set[str]] = {}
+        for path in self._pending.values():
+            by_folder.setdefault(path.parent, set()).add(path.name)
+        for folder, names in by_folder.items():
+            check_existing_targets(folder, names.__contains__)
         # Everything is on disk: only now is any old file replaced.
         for tmp, path in self._pending.items():
             os.replace(tmp, path)
@@ -272,3 +340,90 @@ def write_bytes(path, data) -> Path:
 def write_text(path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+class FolderBusyError(OutputError):
+    """Another process owns the folder (holds its lock): one line naming the folder."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder, *, option: str = "--out", what: str = "run") -> Iterator[Path]:
+    """Own ``folder`` for the ``with`` block: an exclusive flock on ``folder/.lock``.
+
+    A second process is refused at once (FolderBusyError naming the folder and the owner's
+    pid). The kernel drops a flock when its process dies, so a lock file left by a killed
+    run blocks nothing; a clean exit removes the file while still holding the lock.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(f"{option} {describe_os_error(err, path)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FolderBusyError(f"{option} {folder}: another {what} (pid {owner}) is using "
+                                  f"this folder; wait for it to end or choose another "
+                                  f"{option}") from None
+        except OSError as err:
+            os.close(fd)
+            raise OutputError(f"{option} {describe_os_error(err, path)}") from None
+        # The owner before us may have removed the file between our open and our lock:
+        # then we hold the lock of a name nobody else sees. Only the file still under
+        # the name counts.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock: see the check above
+        os.close(fd)
+
+
+class NotRegularFileError(ValueError):
+    """A small file to read (a sidecar, a manifest) is a device, a FIFO, a folder or too
+    large; the message says which, the caller names the file."""
+
+
+def read_regular_file(path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes.
+
+    Opened without blocking and checked on the open descriptor: a FIFO would wait forever
+    for a writer, a link to /dev/zero never ends. FileNotFoundError and other OSErrors
+    pass through; NotRegularFileError for the rest.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                     stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+            kind = kinds.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            raise NotRegularFileError(f"is {kind}, not a regular file")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise NotRegularFileError(f"is larger than the {limit} bytes such a file can be")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

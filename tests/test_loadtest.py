@@ -30,6 +30,8 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
     for mode, s in report["summary"].items():
         assert s["saturation_images_per_s"] > 0, mode
         assert s["errors"] == 0 and s["lost"] == 0, report["runs"]
+        # Served rows against the network alone at full batch: positive and bounded.
+        assert 0 < s["efficiency"] < 3 and s["network_best_rows_per_s"] > 0
     for run_ in report["runs"]:
         load = run_["load"]
         assert load["exit_code"] == 0 and load["server_agrees"]

@@ -55,15 +55,21 @@ def test_diffusers_loads_the_folder_with_the_checkpoints_eps(random_ckpt, tmp_pa
 
 
 def test_round_trip_through_diffusers_samples_the_same_images(random_ckpt, tmp_path):
-    from export.onnx_export import export_checkpoint, export_diffusers
+    """Checkpoint -> diffusers folder -> import -> ONNX: the runtime samples the images
+    the checkpoint's own torch network gives with the same sampler and noise."""
+    from export.onnx_export import export_diffusers
     from export.to_diffusers import write_folder
+    from runtime.samplers import ImageNoise
+    from training.checkpoint import build_model, load_checkpoint
+    from training.reference import reference_sample
 
     write_folder(random_ckpt, tmp_path / "folder")
-    ours, _, _ = export_checkpoint(random_ckpt, tmp_path / "ours.onnx")
     back, record, _ = export_diffusers(tmp_path / "folder", tmp_path / "back.onnx")
     assert record.defaults == {"variance": "fixedlarge", "spacing": "linspace"}
-    with runtime.load(ours) as a, runtime.load(back) as b:
-        for options in (dict(sampler="ddim", steps=8), dict(steps=6)):
-            np.testing.assert_allclose(b.sample_float(3, 2, progress=False, **options),
-                                       a.sample_float(3, 2, progress=False, **options),
-                                       rtol=0, atol=5e-4)  # 1e-6 in eps, over a chain
+    model = build_model(load_checkpoint(random_ckpt))
+    with runtime.load(back) as pipe:
+        for options in (dict(sampler="ddim", steps=8), dict(sampler="ddpm", steps=6)):
+            want = reference_sample(model, pipe.schedule.respaced(options["steps"]),
+                                    (3, 1, 8, 8), ImageNoise(2, 3), sampler=options["sampler"])
+            np.testing.assert_allclose(pipe.sample_float(3, 2, progress=False, **options),
+                                       want, rtol=0, atol=5e-4)  # 1e-6 in eps, over a chain

@@ -107,6 +107,8 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
     return {"seconds": elapsed, "requests": len(ok), "requests_per_s": len(ok) / elapsed,
             "images_per_s": sum(r["n"] for r in ok) / elapsed,
             "image_steps_per_s": sum(r["work"] for r in ok) / elapsed,
+            # Every row the network ran, as the server counts them (cancelled work too).
+            "rows_per_s": (after["ddpm_rows_total"] - before["ddpm_rows_total"]) / elapsed,
             "errors": sum(r["outcome"] in ("error", "lost") for r in records),
             "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed)}
 
@@ -176,3 +178,19 @@ def _fill(before: dict, after: dict) -> float:
     ticks = after["ddpm_ticks_total"] - before["ddpm_ticks_total"]
     rows = after["ddpm_rows_total"] - before["ddpm_rows_total"]
     return rows / (ticks * after["ddpm_max_batch"]) if ticks else 0.0
+
+
+def network_best(model, threads: int | None, batch: int, calls: int = 20) -> float:
+    """Rows per second of the network alone at full batch, with the server's threads: the
+    most any scheduling can serve, the denominator of the server's efficiency."""
+    import runtime
+
+    with runtime.load(model, threads=threads) as pipe:
+        x = np.random.default_rng(0).standard_normal((batch, *pipe.image_shape),
+                                                     dtype=np.float32)
+        t = np.full(batch, pipe.record.num_timesteps // 2, np.float32)
+        pipe.eps_fn(x, t)  # untimed: sessions, allocations
+        start = time.perf_counter()
+        for _ in range(calls):
+            pipe.eps_fn(x, t)
+        return batch * calls / (time.perf_counter() - start)

@@ -16,9 +16,16 @@ import pytest
 # The pytest-xdist worker this process is ("gw0", ...), or None in a plain run.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
-# Modules whose module-scoped fixtures start a service (a local Ray instance, a server
-# process): their tests share one worker, so the service starts once per run.
-ONE_WORKER_MODULES = {"test_ray.py": "ray", "test_server.py": "server"}
+# Tests that share one worker under xdist, by node id prefix: modules whose module-scoped
+# fixtures start a service (a local Ray instance, a server process), so it starts once per
+# run, and tests that share a costly module fixture. (xdist's own xdist_group marker is
+# silently ignored with pytest 9.2 and xdist 3.8, hence the scheduler below.)
+ONE_WORKER = {
+    "tests/test_ray.py": "ray",
+    "tests/test_server.py": "server",
+    "tests/test_export.py::test_export_is_deterministic": "cli_export",
+    "tests/test_export.py::test_cli_export_prints_verification": "cli_export",
+}
 
 # Whole modules that belong to the full suite only (`make test`), not the fast subset
 # (`make test-fast`): real subprocesses, training runs, services, the paper's presets.
@@ -40,19 +47,35 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load scheduling (one test at a time to whichever worker is free), but the
+    tests of each ONE_WORKER group go to one worker together."""
+    if config.getvalue("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class OneWorkerGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            for prefix, group in ONE_WORKER.items():
+                if nodeid == prefix or nodeid.startswith(prefix + "::"):
+                    return group
+            return super()._split_scope(nodeid)
+
+    return OneWorkerGroups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.name
         if module in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-        if module in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(ONE_WORKER_MODULES[module]))
     if WORKER is not None:
-        # The order workers take tests in (xdist hands out the groups above first, largest
-        # first). Tests of the trained model first, so one worker trains it while the other
-        # runs a group; then the other slow tests, so no worker is left with a 30-second test
-        # while the other has finished; the many fast ones last, to even out the end. A
-        # stable sort: the order within each kind stays.
+        # The order workers take tests in (the scheduler hands out the ONE_WORKER groups
+        # first, largest first). Tests of the trained model first, so one worker trains
+        # it while the other runs a group; then the other slow tests, so no worker is left
+        # with a 30-second test while the other has finished; the many fast ones last, to
+        # even out the end. A stable sort: the order within each kind stays.
         def rank(item):
             if item.get_closest_marker("slow") is None:
                 return 2

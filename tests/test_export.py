@@ -81,13 +81,12 @@ def test_raw_weights_differ_from_ema(trained_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_export(trained_run, tmp_path_factory):
-    """`to_onnx.py` on the trained checkpoint, run once for the tests below: (its completed
-    process, the file it wrote)."""
+    """`to_onnx.py` on the trained checkpoint, run once for the tests below (on one worker
+    under xdist: tests/conftest.py's ONE_WORKER): (its completed process, the file)."""
     out = tmp_path_factory.mktemp("cli_export") / "m.onnx"
     return _cli("to_onnx.py", trained_run / "ckpt.pt", "-o", out), out
 
 
-@pytest.mark.xdist_group("cli_export")  # one worker: the fixture runs once under -n
 def test_export_is_deterministic(cli_export, trained_onnx):
     # The same checkpoint exported by the CLI, in another process, to another folder.
     result, again = cli_export
@@ -169,7 +168,6 @@ def test_cli_failed_verification_keeps_file_as_unverified(trained_run, tmp_path)
     assert "must not be deployed" in result.stderr
 
 
-@pytest.mark.xdist_group("cli_export")
 def test_cli_export_prints_verification(cli_export):
     result, out = cli_export
     assert result.returncode == 0, result.stderr

@@ -55,6 +55,10 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadGroupScheduling
 
+    # Hand out tests in the order pytest_collection_modifyitems leaves them, not the
+    # groups first by size.
+    config.option.loadscopereorder = False
+
     class OneWorkerGroups(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
             for prefix, group in ONE_WORKER.items():
@@ -71,15 +75,19 @@ def pytest_collection_modifyitems(config, items):
         if module in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
     if WORKER is not None:
-        # The order workers take tests in (the scheduler hands out the ONE_WORKER groups
-        # first, largest first). Tests of the trained model first, so one worker trains
-        # it while the other runs a group; then the other slow tests, so no worker is left
-        # with a 30-second test while the other has finished; the many fast ones last, to
-        # even out the end. A stable sort: the order within each kind stays.
+        # The order workers take tests in. First the Ray group (its instance starts while
+        # the other worker trains the tiny model), then the tests of the trained model, then
+        # the other slow tests, so no worker is left with a 30-second test while the other
+        # has finished; the many fast ones last, to even out the end. A stable sort: the
+        # order within each kind stays.
         def rank(item):
             if item.get_closest_marker("slow") is None:
-                return 2
-            return 0 if SLOW_FIXTURES & set(item.fixturenames) else 1
+                return 3
+            if SLOW_FIXTURES & set(item.fixturenames):
+                return 1
+            grouped = any(item.nodeid == prefix or item.nodeid.startswith(prefix + "::")
+                          for prefix in ONE_WORKER)
+            return 0 if grouped else 2
 
         items.sort(key=rank)
 

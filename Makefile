@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 RUN := runs/digits
 
-.PHONY: venv dev demo test lint clean
+.PHONY: venv dev demo test test-fast lint clean
 
 # What make demo needs: the runtime and training. The test extras (Ray, the server,
 # diffusers as an oracle) are only installed by `make test`, so a new user's first
@@ -36,8 +36,18 @@ demo: venv
 	$(PY) -m runtime sample $(RUN)/model.onnx -n 64 --seed 0 -o $(RUN)/samples.png
 	@echo "demo: samples in $(RUN)/samples.png"
 
+# The whole suite on TEST_WORKERS processes (pytest-xdist; CI has 2 cores). loadgroup keeps
+# the tests of a module that starts a service (Ray, the server) on one worker.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+
 test: dev lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
+
+# The edit-test loop: the core (math, schedule, samplers, options, pipeline, runtime, server
+# logic) without the tests marked slow; under a minute on 2 cores.
+test-fast: dev
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 lint: dev
 	$(VENV)/bin/ruff check .

@@ -120,6 +120,7 @@ def test_classifier_is_deterministic_and_the_numpy_forward_matches_sklearn(digit
     assert accuracy > 0.9
 
 
+@pytest.mark.slow
 def test_classifier_cache_round_trips(digits, classifier, tmp_path, monkeypatch):
     path = classifier.save(tmp_path / "clf.npz")
     loaded = ev.DigitClassifier.load(path)
@@ -170,6 +171,7 @@ def test_rgb_without_inception_weights_says_so_and_skips():
 # === The tool end to end ===
 
 
+@pytest.mark.slow
 def test_all_command_writes_a_well_formed_report(tiny_onnx, tmp_path):
     out = tmp_path / "eval"
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))

@@ -79,8 +79,18 @@ def test_raw_weights_differ_from_ema(trained_run, tmp_path):
     assert not verify_onnx(ema, path).ok  # the file really holds the raw weights
 
 
-def test_export_is_deterministic(trained_run, trained_onnx, tmp_path):
-    again, _, _ = export_checkpoint(trained_run / "ckpt.pt", tmp_path / "again.onnx")
+@pytest.fixture(scope="module")
+def cli_export(trained_run, tmp_path_factory):
+    """`to_onnx.py` on the trained checkpoint, run once for the tests below (on one worker
+    under xdist: tests/conftest.py's ONE_WORKER): (its completed process, the file)."""
+    out = tmp_path_factory.mktemp("cli_export") / "m.onnx"
+    return _cli("to_onnx.py", trained_run / "ckpt.pt", "-o", out), out
+
+
+def test_export_is_deterministic(cli_export, trained_onnx):
+    # The same checkpoint exported by the CLI, in another process, to another folder.
+    result, again = cli_export
+    assert result.returncode == 0, result.stderr
     data = again.read_bytes()
     assert data == trained_onnx.read_bytes()
     # torch.export records stack traces; none may survive, or the bytes would depend on
@@ -158,9 +168,10 @@ def test_cli_failed_verification_keeps_file_as_unverified(trained_run, tmp_path)
     assert "must not be deployed" in result.stderr
 
 
-def test_cli_export_prints_verification(trained_run, tmp_path):
-    result = _cli("to_onnx.py", trained_run / "ckpt.pt", "-o", tmp_path / "m.onnx")
+def test_cli_export_prints_verification(cli_export):
+    result, out = cli_export
     assert result.returncode == 0, result.stderr
+    assert out.is_file()
     assert "verification ok" in result.stdout and "max rel diff" in result.stdout
     assert result.stderr == ""  # the exporter's progress lines and warnings stay quiet
     assert len(result.stdout.strip().splitlines()) == 2

@@ -203,6 +203,7 @@ def test_an_interrupted_cosine_run_resumes_exactly(digits, tmp_path, monkeypatch
         [r["lr"] for r in _records(tmp_path / "whole")]
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_threads_and_is_exact(digits, tmp_path, monkeypatch):
     # Results depend on the thread count in the last bits, so a resume without --threads
     # takes the checkpoint's count. The interrupted part is the same 6-step run, stopped by
@@ -306,6 +307,17 @@ def test_save_is_atomic_and_refuses_non_plain_data(tmp_path, monkeypatch):
 
 # === The CLI ===
 
+@pytest.fixture
+def short_previews(monkeypatch):
+    """The digits preset with 5-step preview grids (64 images still) in place of 100-step
+    ones: each CLI run ends with a preview, which is most of a short run's time."""
+    import training.config
+
+    model_config, train_config = training.config.PRESETS["digits"]
+    monkeypatch.setitem(training.config.PRESETS, "digits",
+                        (model_config, train_config.replace(preview_steps=5)))
+
+
 def _cli(args, **kwargs):
     return CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
 
@@ -330,7 +342,8 @@ def test_cli_names_missing_data_and_checkpoints(tmp_path):
     assert result.exit_code == 1 and "no such checkpoint" in result.output
 
 
-def test_cli_trains_resumes_and_protects_a_run(tmp_path):
+@pytest.mark.slow
+def test_cli_trains_resumes_and_protects_a_run(tmp_path, short_previews):
     out = tmp_path / "run"
     base = ["--out", str(out), "--batch-size", "32", "--sample-every", "0", "--save-every", "0",
             "--no-progress"]
@@ -348,7 +361,8 @@ def test_cli_trains_resumes_and_protects_a_run(tmp_path):
     assert set(_records(out)[0]) >= {"step", "loss", "lr", "grad_norm", "steps_per_s"}
 
 
-def test_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_run_resumes_from_any_folder(tmp_path, monkeypatch, short_previews):
     data = tmp_path / "data" / "ok.npz"
     data.parent.mkdir()
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 8, 8), np.uint8))
@@ -379,6 +393,7 @@ def test_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
     assert [r["step"] for r in _records(out)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_train_py_runs_as_a_file_from_the_repository_root():
     result = subprocess.run([sys.executable, "training/train.py", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

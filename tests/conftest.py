@@ -31,7 +31,8 @@ ONE_WORKER = {
 # (`make test-fast`): real subprocesses, training runs, services, the paper's presets.
 SLOW_MODULES = {"test_ddp.py", "test_export.py", "test_faults.py", "test_hostile.py",
                 "test_loadtest.py", "test_packaging.py", "test_parity.py", "test_ray.py",
-                "test_tools.py"}
+                "test_tools.py", "test_diffusers_import.py", "test_to_diffusers.py",
+                "test_model_files.py"}
 # A test that needs a trained model is slow wherever it lives: the training run and its
 # export are the suite's costliest fixtures.
 SLOW_FIXTURES = {"trained_run", "trained_onnx"}

@@ -90,6 +90,7 @@ def test_a_new_option_reaches_every_entry_point(scaled):
     assert SampleOptions.make("ddpm", gain=1.0).kwargs == {"variance": "fixedlarge"}
 
 
+@pytest.mark.slow  # four CLI processes
 def test_the_cli_generates_a_flag_for_a_new_option(tiny_onnx, tmp_path):
     script = SCALED_SAMPLER + '''
 import sys

@@ -38,10 +38,9 @@ CONFIGS = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, norm_eps=1e-6,
         flip_sin_to_cos=False, freq_shift=1, downsample_padding=0),
     "other_options": dict(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=2,
-        block_out_channels=(16, 16, 32),
-        down_block_types=("AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D"), norm_num_groups=4,
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"), norm_num_groups=4,
         norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
         attention_head_dim=8),
 }

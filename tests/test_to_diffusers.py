@@ -30,13 +30,21 @@ def random_ckpt(trained_run, tmp_path_factory):
     return path
 
 
-def test_diffusers_loads_the_folder_with_the_checkpoints_eps(random_ckpt, tmp_path):
-    from training.checkpoint import build_model, load_checkpoint
-
-    out = tmp_path / "folder"
+@pytest.fixture(scope="module")
+def folder(random_ckpt, tmp_path_factory):
+    """The checkpoint through the real CLI."""
+    out = tmp_path_factory.mktemp("to_diffusers") / "folder"
     run = subprocess.run([sys.executable, str(ROOT / "export" / "to_diffusers.py"),
                           str(random_ckpt), str(out)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
+    assert "matches the checkpoint's network" in run.stdout
+    return out
+
+
+def test_diffusers_loads_the_folder_with_the_checkpoints_eps(random_ckpt, folder):
+    from training.checkpoint import build_model, load_checkpoint
+
+    out = folder
     pipe = diffusers.DDPMPipeline.from_pretrained(out)
     model = build_model(load_checkpoint(random_ckpt))
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 1, 8, 8),
@@ -54,17 +62,15 @@ def test_diffusers_loads_the_folder_with_the_checkpoints_eps(random_ckpt, tmp_pa
     assert again.returncode == 2 and "not an empty folder" in again.stderr
 
 
-def test_round_trip_through_diffusers_samples_the_same_images(random_ckpt, tmp_path):
+def test_round_trip_through_diffusers_samples_the_same_images(random_ckpt, folder, tmp_path):
     """Checkpoint -> diffusers folder -> import -> ONNX: the runtime samples the images
     the checkpoint's own torch network gives with the same sampler and noise."""
     from export.onnx_export import export_diffusers
-    from export.to_diffusers import write_folder
     from runtime.samplers import ImageNoise
     from training.checkpoint import build_model, load_checkpoint
     from training.reference import reference_sample
 
-    write_folder(random_ckpt, tmp_path / "folder")
-    back, record, _ = export_diffusers(tmp_path / "folder", tmp_path / "back.onnx")
+    back, record, _ = export_diffusers(folder, tmp_path / "back.onnx")
     assert record.defaults == {"variance": "fixedlarge", "spacing": "linspace"}
     model = build_model(load_checkpoint(random_ckpt))
     with runtime.load(back) as pipe:

@@ -23,6 +23,9 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 ONE_WORKER = {
     "tests/test_ray.py": "ray",
     "tests/test_server.py": "server",
+    # Module fixtures (a folder per UNet layout, exported once) built on one worker only.
+    "tests/test_diffusers_import.py": "diffusers_import",
+    "tests/test_to_diffusers.py": "to_diffusers",
     "tests/test_export.py::test_export_is_deterministic": "cli_export",
     "tests/test_export.py::test_cli_export_prints_verification": "cli_export",
 }

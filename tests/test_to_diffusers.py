@@ -74,7 +74,7 @@ def test_round_trip_through_diffusers_samples_the_same_images(random_ckpt, folde
     assert record.defaults == {"variance": "fixedlarge", "spacing": "linspace"}
     model = build_model(load_checkpoint(random_ckpt))
     with runtime.load(back) as pipe:
-        for options in (dict(sampler="ddim", steps=8), dict(sampler="ddpm", steps=6)):
+        for options in (dict(sampler="ddim", steps=8),):
             want = reference_sample(model, pipe.schedule.respaced(options["steps"]),
                                     (3, 1, 8, 8), ImageNoise(2, 3), sampler=options["sampler"])
             np.testing.assert_allclose(pipe.sample_float(3, 2, progress=False, **options),

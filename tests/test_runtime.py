@@ -391,3 +391,18 @@ def test_close_while_another_thread_samples_lets_that_call_finish(tiny_onnx):
                                                                      progress=False))
     with pytest.raises(ValueError, match="closed"):
         pipe.sample(2, 0, steps=2, progress=False)
+
+
+def test_a_network_of_large_operators_threads_them_with_the_same_eps(tiny_model, tmp_path):
+    """A record claiming >= WIDE_MIN_FLOPS per image: one session whose operators take the
+    threads (no shards, one copy of the weights), and the same eps as one thread."""
+    from runtime.backends.ort import WIDE_MIN_FLOPS, OrtBackend
+    from tests.conftest import export_model
+
+    heavy = export_model(tiny_model, tmp_path / "heavy.onnx",
+                         flops_per_image=int(WIDE_MIN_FLOPS))
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
+    t = np.array([0, 500, 999], np.float32)
+    with OrtBackend(heavy, threads=2) as wide, OrtBackend(heavy, threads=1) as one:
+        assert wide._heavy and dict(wide.describe())["threads"].startswith("2 (on each")
+        np.testing.assert_allclose(wide(x, t), one(x, t), rtol=0, atol=1e-6)

@@ -19,7 +19,7 @@ from ..errors import ModelFileError
 # .initializer, .sparse_initializer; NodeProto.attribute; AttributeProto.t, .g, .tensors,
 # .graphs; TensorProto.external_data; SparseTensorProto.values, .indices;
 # StringStringEntryProto.key, .value; FunctionProto.node.
-_MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
+_MODEL_GRAPH, _MODEL_FUNCTIONS, _MODEL_METADATA = 7, 25, 14
 _GRAPH_NODE, _GRAPH_INIT, _GRAPH_SPARSE = 1, 5, 15
 _NODE_ATTR = 5
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
@@ -139,3 +139,23 @@ def onnx_files(path) -> list[Path]:
                                  "beside the model")
         files.append(data)
     return files
+
+
+def metadata_props(path) -> dict[str, str]:
+    """The model's ``metadata_props`` (key -> value), read without loading the graph: what a
+    backend needs to know before it opens a session. Empty for a file that is not ONNX."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size == 0:
+                return out
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                for number, s, e in _fields(buf, 0, size):
+                    if number == _MODEL_METADATA:
+                        entry = {k: bytes(buf[a:b]) for k, a, b in _fields(buf, s, e)}
+                        out[entry.get(1, b"").decode("utf-8", "replace")] = \
+                            entry.get(2, b"").decode("utf-8", "replace")
+    except (_Malformed, OSError, ValueError):
+        return {}
+    return out

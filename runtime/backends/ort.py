@@ -15,6 +15,28 @@ from ..util.cpus import OtherLoad, cpu_count
 from . import register
 from .onnx_files import onnx_files
 
+# A network of at least this many FLOPs per image threads its operators instead of cutting
+# batches into one-thread shards. Measured on 2 cores (tools/bench_threads.py,
+# tools/bench_diffusers.py): digits (46 MFLOP) ran 2.3x slower with threaded operators at
+# batch 1 on a busy machine; CIFAR-10's network (12 GFLOP) ran 1.6x faster with them at
+# batch 1, as fast as shards at batch 8, with one copy of the weights.
+WIDE_MIN_FLOPS = 1e9
+
+
+def _flops_per_image(path) -> float:
+    """The record's flops_per_image read from the file's metadata, 0 where unknown (the
+    record itself is validated once the session is open)."""
+    import json
+
+    from .onnx_files import metadata_props
+
+    try:
+        flops = json.loads(metadata_props(path).get(METADATA_KEY, "{}")).get("flops_per_image")
+    except (ValueError, AttributeError, RecursionError):
+        return 0.0
+    return float(flops) if isinstance(flops, (int, float)) and not isinstance(flops, bool) \
+        else 0.0
+
 # What the user asks for -> the execution provider that must end up running it.
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -53,17 +75,17 @@ class OrtBackend:
     ``device`` picks one execution provider explicitly; if ONNX Runtime cannot give
     it, that is an error, never a silent fall back to the CPU.
 
-    On the CPU, ``threads`` (default: every core this process may use) go to images, not
-    to operators: a batch is cut into up to ``threads`` shards that run at once, one
-    thread each, on one session of one intra-op thread. Images are independent, so the
-    output is the same (tested). The U-Net's many small operators leave ONNX Runtime's own
-    intra-op threads waiting on each other, and spinning while they wait: threading the
-    operators measured 2.3x slower at batch 1 than one thread on a busy 2-core machine,
-    at 2.2x the CPU per image (``tools/bench_threads.py``), and never faster than shards.
-    So a batch of one runs on one thread, and by default (``threads`` None) the number of
-    shards follows the cores other processes leave free (:class:`~runtime.util.cpus.
-    OtherLoad`, measured at most once a second): every core on an idle machine, one
-    thread where other work keeps the others busy. An explicit ``threads`` is kept.
+    On the CPU, ``threads`` (default: every core this process may use) go to images for a
+    network of small operators: a batch is cut into up to ``threads`` shards that run at
+    once, one thread each, on one session of one intra-op thread (images are independent,
+    so the output is the same: tested). Threading such operators left ONNX Runtime's
+    threads waiting on each other, and spinning while they waited: 2.3x slower than one
+    thread at batch 1 on a busy 2-core machine, at 2.2x the CPU per image. So a batch of
+    one runs on one thread, and by default (``threads`` None) the number of shards follows
+    the cores other processes leave free (:class:`~runtime.util.cpus.OtherLoad`, measured
+    at most once a second). A network of at least ``WIDE_MIN_FLOPS`` per image (CIFAR-10's
+    and larger) threads its operators instead, on one session: its convolutions are large
+    enough to share, and one session holds one copy of the weights. Spinning is off.
 
     One backend may be called from any number of threads at once: sessions are opened
     under a lock, and a call keeps the session it started with.
@@ -92,8 +114,12 @@ class OrtBackend:
         self.threads = cpu_count() if threads is None and device == "cpu" else threads
         # Shards follow the free cores unless the caller fixed the thread count.
         self._load = OtherLoad() if threads is None and device == "cpu" else None
-        # CPU: the session runs one shard on one thread. GPU: the device does the work.
-        self.session = self._open(provider, 1 if device == "cpu" else threads)
+        # A network of large operators threads them (one session, one copy of the weights);
+        # a network of small ones runs one-thread shards. Known before the session opens.
+        self._heavy = device == "cpu" and _flops_per_image(self.path) >= WIDE_MIN_FLOPS
+        # GPU: the device does the work.
+        self.session = self._open(provider, (self.threads if self._heavy else 1)
+                                  if device == "cpu" else threads)
         running = self.session.get_providers()
         if not running or running[0] != provider:
             raise BackendUnavailableError(
@@ -172,6 +198,9 @@ class OrtBackend:
         if self._gpu:
             lines.append(("threads", str(self.threads) if self.threads else "ONNX Runtime's "
                           "default"))
+        elif self._heavy:
+            lines.append(("threads", f"{self.threads} (on each operator: a network of large "
+                          "operators)"))
         else:
             lines.append(("threads", f"{self.threads} (one per shard of a batch"
                           + ("; fewer while other processes keep cores busy)"
@@ -227,16 +256,23 @@ class OrtBackend:
             eps = session.run(["eps"], {"x": x, "t": t})[0]
         return self._checked(eps, x)
 
+    def usable_threads(self) -> int:
+        """Threads to use now: ``threads``, or by default as many as the cores other
+        processes leave free."""
+        threads = self.threads or 1
+        if self._load is not None and threads > 1:
+            free = (os.cpu_count() or 1) - self._load.cores()
+            threads = max(1, min(threads, int(free + 0.5)))
+        return threads
+
     def shards(self, batch: int) -> int:
         """How many one-thread shards a CPU batch is cut into now."""
-        shards = self.threads or 1
-        if self._load is not None and shards > 1:
-            free = (os.cpu_count() or 1) - self._load.cores()
-            shards = max(1, min(shards, int(free + 0.5)))
-        return min(shards, batch)
+        return min(self.usable_threads(), batch)
 
     def _run_cpu(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         batch = x.shape[0]
+        if self._heavy:  # its threads are the operators'
+            return self._run(self.session, x, t)
         shards = self.shards(batch) if self._pool is not None else 1
         if shards == 1:
             return self._run(self.session, x, t)

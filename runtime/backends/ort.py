@@ -143,6 +143,10 @@ class OrtBackend:
     def _open(self, provider: str, threads: int | None):
         ort = self._ort
         options = ort.SessionOptions()
+        # A large network's activations are few and big: ONNX Runtime's arena keeps its
+        # peak (256x256, batch 1: 1.9 GiB with it, 1.5 GiB without, same speed); a small
+        # one's many small ones are faster from the arena (digits, batch 64: 1.25x).
+        options.enable_cpu_mem_arena = not self._heavy
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.inter_op_num_threads = 1  # one chain of ops: parallelism lives inside ops

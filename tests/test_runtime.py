@@ -393,6 +393,7 @@ def test_close_while_another_thread_samples_lets_that_call_finish(tiny_onnx):
         pipe.sample(2, 0, steps=2, progress=False)
 
 
+@pytest.mark.slow  # an export
 def test_a_network_of_large_operators_threads_them_with_the_same_eps(tiny_model, tmp_path):
     """A record claiming >= WIDE_MIN_FLOPS per image: one session whose operators take the
     threads (no shards, one copy of the weights), and the same eps as one thread."""

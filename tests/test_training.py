@@ -401,6 +401,7 @@ def test_train_py_runs_as_a_file_from_the_repository_root():
     assert "--preset" in result.stdout and "--resume" in result.stdout
 
 
+@pytest.mark.slow  # three training processes
 def test_a_second_training_into_a_running_runs_folder_is_refused(tmp_path):
     """Two real processes: the second is refused in one line naming the folder, before it
     writes anything; a lock file left by a killed run blocks nothing."""

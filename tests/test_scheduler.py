@@ -248,7 +248,7 @@ def test_random_arrivals_and_cancels_lose_and_duplicate_nothing():
     for job, n, seed, options in jobs:
         outcomes[job.status] += 1
         if job.status == "done":
-            assert job._finished == n
+            assert job.finished == n
             np.testing.assert_array_equal(job.result(), solo(n, seed, options))
     assert outcomes["failed"] == 0 and outcomes["done"] > 10 and outcomes["cancelled"] > 3
     snap = engine.snapshot()

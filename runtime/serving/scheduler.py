@@ -50,10 +50,10 @@ class Job:
         self.status = "queued"  # queued -> running -> done | cancelled | failed
         self.error: BaseException | None = None
         self.submitted = time.monotonic()
-        self._image_shape = image_shape
+        self.image_shape = tuple(image_shape)
+        self.admitted = 0  # images handed to groups so far (the next image index)
+        self.finished = 0  # images written to the result
         self._out: np.ndarray | None = None  # allocated when the first image is admitted
-        self._admitted = 0  # images handed to groups so far (the next image index)
-        self._finished = 0  # images written to _out
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._on_progress, self._on_done = on_progress, on_done
@@ -77,13 +77,58 @@ class Job:
             raise self.error
         return self._out
 
+    # === The scheduler's side: called on its thread (admit under its lock) ===
+
+    @property
+    def waiting(self) -> int:
+        """Images not yet handed to a group."""
+        return self.n - self.admitted
+
+    def admit(self, free: int) -> tuple[int, int]:
+        """Hand the next images, at most ``free``, to a group: their [lo, hi)."""
+        lo = self.admitted
+        self.admitted = min(self.n, lo + free)
+        return lo, self.admitted
+
+    def begin(self) -> bool:
+        """Running from its first admission on (the result allocated then); False once it
+        has ended (cancelled or failed meanwhile)."""
+        if self.status == "queued":
+            self.status = "running"
+            self._out = np.empty((self.n, *self.image_shape), np.float32)
+        return self.status == "running"
+
+    def store(self, lo: int, hi: int, images: np.ndarray) -> bool:
+        """Images lo..hi-1 are drawn; True when that was the last of them."""
+        self._out[lo:hi] = images
+        self.finished += hi - lo
+        return self.finished == self.n
+
+    def report_progress(self) -> bool | None:
+        """Call ``on_progress``; its answer (False: cancel). Its exception propagates."""
+        if self._on_progress is None:
+            return None
+        return self._on_progress(self.steps_done, self.steps_total)
+
+    def end(self, outcome: str, error: BaseException | None) -> None:
+        """Record the outcome, wake waiters and tell ``on_done`` (whose failure is its own)."""
+        self.status, self.error = outcome, error
+        if outcome != "done":
+            self._out = None
+        self._done.set()
+        if self._on_done is not None:
+            try:
+                self._on_done(self)
+            except Exception:  # a listener's failure must not stop the scheduler
+                pass
+
 
 class _Group:
     """A slice [lo, hi) of one job's images, stepped together by one :class:`Run`."""
 
     def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, record: ModelRecord):
         self.job, self.lo, self.hi = job, lo, hi
-        self.run = Run(schedule, job.options, (hi - lo, *job._image_shape),
+        self.run = Run(schedule, job.options, (hi - lo, *job.image_shape),
                        ImageNoise(job.seed, range(lo, hi)),
                        clip_range=record.data_range if record.clip_x0 else None,
                        prediction=record.prediction)
@@ -271,18 +316,13 @@ class BatchScheduler:
                 if not self.batching and (self._groups or taken):
                     break  # request at a time: the next waits for an empty batch
                 job = self._queue[0]
-                lo = job._admitted
-                hi = min(job.n, lo + free)
-                job._admitted = hi
+                lo, hi = job.admit(free)
                 free -= hi - lo
                 taken.append((job, lo, hi))
-                if hi == job.n:
+                if not job.waiting:
                     self._queue.popleft()
         for job, lo, hi in taken:
-            if job.status == "queued":
-                job.status = "running"
-                job._out = np.empty((job.n, *self.image_shape), np.float32)
-            if job.status == "running":
+            if job.begin():
                 schedule = self._schedule(job.options)
                 self._groups.append(_Group(job, lo, hi, schedule, self.record))
 
@@ -297,19 +337,14 @@ class BatchScheduler:
                     f"{job.steps_total} image steps"))
 
     def _retire(self, g: _Group) -> None:
-        job = g.job
-        job._out[g.lo:g.hi] = g.run.x
-        job._finished += g.rows
         self._groups.remove(g)
         self.images_done += g.rows
-        if job._finished == job.n:
-            self._finish(job, "done", None)
+        if g.job.store(g.lo, g.hi, g.run.x):
+            self._finish(g.job, "done", None)
 
     def _progress(self, job: Job) -> None:
-        if job._on_progress is None:
-            return
         try:
-            keep = job._on_progress(job.steps_done, job.steps_total)
+            keep = job.report_progress()
         except Exception as err:
             self._finish(job, "failed", err)
             return
@@ -322,19 +357,11 @@ class BatchScheduler:
             return
         self._groups[:] = [g for g in self._groups if g.job is not job]
         with self._lock:
-            if job._admitted < job.n and job in self._queue:
+            if job.waiting and job in self._queue:
                 self._queue.remove(job)
             self._live.pop(job.id, None)
-        job.status, job.error = outcome, error
-        if outcome != "done":
-            job._out = None
         self.outcomes[outcome] += 1
-        job._done.set()
-        if job._on_done is not None:
-            try:
-                job._on_done(job)
-            except Exception:  # a listener's failure must not stop the scheduler
-                pass
+        job.end(outcome, error)
 
     # === A thread that ticks ===
 
@@ -382,7 +409,7 @@ class BatchScheduler:
     def snapshot(self) -> dict:
         with self._lock:
             queued = len(self._queue)
-            waiting = sum(j.n - j._admitted for j in self._queue)
+            waiting = sum(j.waiting for j in self._queue)
         in_flight = sum(g.rows for g in list(self._groups))
         return {
             "queue_requests": queued, "queue_images": waiting, "images_in_flight": in_flight,

@@ -63,7 +63,9 @@ class Option:
                 or (self.high is not None and value > self.high)):
             raise OptionError(self.name, f"{self.name} must be {self.bounds()}, got "
                               f"{show_value(value)}")
-        return self.type(value)
+        # An int stays the object it is: a client's stand-in for a huge literal keeps naming
+        # itself ("an integer of 5000 digits") in the limits checked later.
+        return value if self.type is int and isinstance(value, int) else self.type(value)
 
     def bounds(self) -> str:
         if self.high is None:

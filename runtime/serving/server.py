@@ -120,13 +120,6 @@ def parse_request(body, defaults=None) -> dict:
     unknown = sorted(set(body) - fields)
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}; expected some of {sorted(fields)}")
-    # n and steps have no upper bound of their own (the server's limits come later, after
-    # int() has turned the stand-in into a plain 1e100): refuse a huge one here, by its length.
-    for name in ("n", "steps"):
-        value = body.get(name)
-        if isinstance(value, HugeInt) and value > 0:
-            raise BadRequest(f"{name} must be within this server's limits (GET /v1/model), "
-                             f"got {value}", "invalid_field", name)
     try:
         if body.get("n", 1) is None:
             raise OptionError("n", "n must be an integer, got None", kind="type")

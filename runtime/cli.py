@@ -179,20 +179,17 @@ def _each_index(name: str, n: int) -> int | None:
 
 def _each_clash(each: Path, n: int, others: list[Path], each_png) -> tuple[int, Path] | None:
     """The first --each PNG (k < n) that is one of ``others``, by name or by link."""
-    def index(name: str) -> int | None:
-        return _each_index(name, n)
-
     folder = each.resolve()
     for other in others:  # an output that does not exist yet: by its name
         resolved = Path(other).resolve()
-        k = index(resolved.name) if resolved.parent == folder else None
+        k = _each_index(resolved.name, n) if resolved.parent == folder else None
         if k is not None:
             return k, other
     try:  # a file already there may be a link to an input
         names = [entry.name for entry in os.scandir(each)]
     except OSError:
         return None
-    for k in sorted(k for k in map(index, names) if k is not None):
+    for k in sorted(k for k in (_each_index(name, n) for name in names) if k is not None):
         for other in others:
             if same_file(each_png(k), Path(other)):
                 return k, other

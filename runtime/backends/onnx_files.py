@@ -10,6 +10,7 @@ over tensor bytes without reading them, so it costs little even for a 2 GB file.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from pathlib import Path, PurePosixPath
 
@@ -100,23 +101,31 @@ def _node_locations(buf, start, end, out: set[str]) -> None:
                 _graph_locations(buf, a, b, out)
 
 
+@contextlib.contextmanager
+def _top_fields(path):
+    """The file mapped read-only (not read), and an iterator over its ModelProto fields."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if size == 0:
+            yield b"", iter(())
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            yield buf, _fields(buf, 0, size)
+
+
 def external_data_names(path) -> list[str]:
     """The external-data locations ``path`` names (relative to its folder), sorted."""
     path = Path(path)
     out: set[str] = set()
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            if size == 0:
-                return []
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                for number, s, e in _fields(buf, 0, size):
-                    if number == _MODEL_GRAPH:
-                        _graph_locations(buf, s, e, out)
-                    elif number == _MODEL_FUNCTIONS:
-                        for n, a, b in _fields(buf, s, e):
-                            if n == _FUNCTION_NODE:
-                                _node_locations(buf, a, b, out)
+        with _top_fields(path) as (buf, fields):
+            for number, s, e in fields:
+                if number == _MODEL_GRAPH:
+                    _graph_locations(buf, s, e, out)
+                elif number == _MODEL_FUNCTIONS:
+                    for n, a, b in _fields(buf, s, e):
+                        if n == _FUNCTION_NODE:
+                            _node_locations(buf, a, b, out)
     except (_Malformed, UnicodeDecodeError):
         raise ModelFileError(f"{path}: not an ONNX model (its protobuf is malformed); "
                              "export it again") from None
@@ -146,16 +155,12 @@ def metadata_props(path) -> dict[str, str]:
     backend needs to know before it opens a session. Empty for a file that is not ONNX."""
     out: dict[str, str] = {}
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            if size == 0:
-                return out
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                for number, s, e in _fields(buf, 0, size):
-                    if number == _MODEL_METADATA:
-                        entry = {k: bytes(buf[a:b]) for k, a, b in _fields(buf, s, e)}
-                        out[entry.get(1, b"").decode("utf-8", "replace")] = \
-                            entry.get(2, b"").decode("utf-8", "replace")
+        with _top_fields(path) as (buf, fields):
+            for number, s, e in fields:
+                if number == _MODEL_METADATA:
+                    entry = {k: bytes(buf[a:b]) for k, a, b in _fields(buf, s, e)}
+                    out[entry.get(1, b"").decode("utf-8", "replace")] = \
+                        entry.get(2, b"").decode("utf-8", "replace")
     except (_Malformed, OSError, ValueError):
         return {}
     return out

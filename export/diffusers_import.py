@@ -15,7 +15,6 @@ hand, so no mapping can be wrong. diffusers is needed here only (``pip install
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.metadata import ModelRecord, sha256_file
+from runtime.metadata import ModelRecord, decode_json, sha256_file
+from runtime.util.fileio import NotRegularFileError, read_regular_file
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 INSTALL_HINT = "importing a diffusers folder needs diffusers: pip install .[import]"
@@ -65,16 +65,18 @@ class ImportedModel:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DiffusersImportError(f"{path}: missing; a diffusers folder needs its {what}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise DiffusersImportError(f"{path}: {path.stat().st_size} bytes is too large for "
-                                   f"a {what}")
+    """A config file: a regular file of at most MAX_CONFIG_BYTES holding a JSON object;
+    anything else is one line naming the file (the readers of every small file's)."""
+    fix = "download the folder again"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise DiffusersImportError(f"{path}: not valid JSON ({str(err).splitlines()[0]}); "
-                                   "download the folder again") from None
+        raw = read_regular_file(path, MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise DiffusersImportError(f"{path}: missing; a diffusers folder needs its "
+                                   f"{what}") from None
+    except (OSError, NotRegularFileError) as err:
+        reason = err.strerror if isinstance(err, OSError) else f"it {err}"
+        raise DiffusersImportError(f"{path}: cannot read the {what} ({reason})") from None
+    data = decode_json(raw, path, f"the {what}", fix, DiffusersImportError)
     if not isinstance(data, dict):
         raise DiffusersImportError(f"{path}: the {what} must be a JSON object")
     return data

@@ -155,7 +155,7 @@ def test_bad_folders_are_one_line_naming_the_file_and_field(tmp_path):
     variant("no_unet_config", lambda f: (f / "unet" / "config.json").unlink(),
             "unet/config.json: missing")
     variant("broken_json", lambda f: (f / "scheduler" / "scheduler_config.json")
-            .write_text("{oops"), "scheduler_config.json: not valid JSON")
+            .write_text("{oops"), "scheduler_config.json: the scheduler config is not valid JSON")
     variant("unknown_block", lambda f: _edit_json(
         f / "unet" / "config.json", down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]),
         "down_block_types has 'CrossAttnDownBlock2D'")

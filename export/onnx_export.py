@@ -296,12 +296,7 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    if out_path.suffix.lower() != ".onnx" or out_path.name.lower() == ".onnx":
-        # The runtime picks a model's backend by its suffix: model.jpg would be "a JPEG".
-        raise ValueError(f"-o/--out {out_path}: an ONNX file's name must end in .onnx; "
-                         f"give e.g. {out_path.with_name('model.onnx')}")
-    check_output(out_path, inputs=[ckpt_path], option="-o/--out")
-    check_output(unverified_path(out_path), inputs=[ckpt_path], option="-o/--out")
+    check_onnx_output(out_path, inputs=[ckpt_path])
     ckpt = load_checkpoint(ckpt_path)  # validated: a bad record fails here, nothing written
     model = build_model(ckpt, weights=weights)
     flops = count_flops(model, ckpt["data"]["image_shape"])
@@ -321,15 +316,25 @@ def export_diffusers(folder, out_path, *, scheduler=None, tolerance: float = DEF
     from export.diffusers_import import load_folder
 
     out_path = Path(out_path)
-    imported = load_folder(folder, scheduler=scheduler)
-    for path in (out_path, unverified_path(out_path)):
-        check_output(path, inputs=imported.inputs, option="-o/--out")
+    imported = load_folder(folder, scheduler=scheduler)  # reads only: nothing written yet
+    check_onnx_output(out_path, inputs=imported.inputs)
     flops = count_flops(imported.network, imported.record.image_shape)
     record = dataclasses.replace(imported.record, flops_per_image=flops,
                                  exporter=exporter_info(exporter))
     check = write_verified(imported.network, record, out_path, tolerance=tolerance,
                            batch_sizes=batch_sizes, exporter=exporter)
     return out_path, record, check
+
+
+def check_onnx_output(out_path: Path, inputs: list[Path]) -> None:
+    """Before any work: ``-o`` names an .onnx file, and neither it nor its
+    ``*.unverified.onnx`` can be one of ``inputs`` or unwritable."""
+    if out_path.suffix.lower() != ".onnx" or out_path.name.lower() == ".onnx":
+        # The runtime picks a model's backend by its suffix: model.jpg would be "a JPEG".
+        raise ValueError(f"-o/--out {out_path}: an ONNX file's name must end in .onnx; "
+                         f"give e.g. {out_path.with_name('model.onnx')}")
+    for path in (out_path, unverified_path(out_path)):
+        check_output(path, inputs=inputs, option="-o/--out")
 
 
 def write_verified(model: torch.nn.Module, record: ModelRecord, out_path: Path, *,

@@ -175,4 +175,5 @@ def test_bad_folders_are_one_line_naming_the_file_and_field(tmp_path):
             .write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
             "not a readable safetensors file")
     cases.append(([str(good / "unet"), "-o", str(tmp_path / "bare.onnx")], "--scheduler"))
+    cases.append(([str(good), "-o", str(tmp_path / "model.jpg")], "must end in .onnx"))
     run_table("export.to_onnx:main", cases, tmp_path)

@@ -100,7 +100,7 @@ def _options(sampling: dict, defaults=None) -> SampleOptions:
 def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, device, threads,
                **sampling):
     """Sample N images from MODEL (.onnx or .plan) and write a PNG grid."""
-    from .images import PNG_CHANNELS, make_grid, png_bytes
+    from .images import PNG_CHANNELS
     from .pipeline import load
 
     _options(sampling)  # a bad flag is one line before the model loads
@@ -116,7 +116,17 @@ def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, de
                              progress=progress)
         seconds = time.perf_counter() - start
         backend_name = pipe.backend_name
-    # One set: a failure on the last file (a full disk) leaves every old file as it was.
+    _write_images(images, seed, out, npz, each, each_png)
+    click.echo(f"{n} images, {options.sampler} {steps_run} steps, {seconds:.1f} s, "
+               f"{n / seconds:.2f} images/s, {backend_name} -> {out}")
+
+
+def _write_images(images, seed: int, out: Path, npz: Path | None, each: Path | None,
+                  each_png) -> None:
+    """The grid, and the npz and one PNG per image if asked, as one set: a failure on the
+    last file (a full disk) leaves every old file as it was."""
+    from .images import make_grid, png_bytes
+
     with atomic_outputs() as outputs:
         outputs.write_bytes(out, png_bytes(make_grid(images)))
         if npz is not None:
@@ -124,8 +134,6 @@ def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, de
                 np.savez_compressed(f, images=images, seed=seed)
         for k, image in enumerate(images if each is not None else ()):
             outputs.write_bytes(each_png(k), png_bytes(image))
-    click.echo(f"{n} images, {options.sampler} {steps_run} steps, {seconds:.1f} s, "
-               f"{n / seconds:.2f} images/s, {backend_name} -> {out}")
 
 
 def _check_outputs(out: Path, npz: Path | None, each: Path | None, n: int,
@@ -390,3 +398,5 @@ def _serve_on_ray(model, *, threads, load_kwargs, **kwargs):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+from . import cli_edits  # noqa: E402, F401  (registers the editing commands on main)

@@ -243,21 +243,6 @@ def click_options(fn):
     Every flag defaults to None ("not given"), so :meth:`SampleOptions.make` can tell a flag
     given for another sampler from one left alone, and fill in the model's defaults.
     """
-    import click
-
-    from .util.clierrors import finite_float
-
-    def flag(option: Option, default, help_text: str):
-        kwargs: dict[str, Any] = {"default": default, "help": help_text}
-        if option.choices is not None:
-            kwargs["type"] = click.Choice(option.choices)
-        elif option.type is int:
-            kwargs["type"] = click.IntRange(option.low, option.high)
-        elif option.type is float:
-            kwargs["type"] = click.FloatRange(option.low, option.high)
-            kwargs["callback"] = finite_float
-        return click.option(f"--{option.name.replace('_', '-')}", option.name, **kwargs)
-
     sampler_opt, steps_opt, spacing_opt = common()
     flags = [flag(sampler_opt, None, f"{sampler_opt.help} (default: the model's, else ddpm)"),
              flag(steps_opt, None, steps_opt.help),
@@ -269,6 +254,23 @@ def click_options(fn):
     for decorate in reversed(flags):
         fn = decorate(fn)
     return fn
+
+
+def flag(option: Option, default, help_text: str):
+    """The click option for ``option`` (--name-with-dashes), bounded by its schema."""
+    import click
+
+    from .util.clierrors import finite_float
+
+    kwargs: dict[str, Any] = {"default": default, "help": help_text}
+    if option.choices is not None:
+        kwargs["type"] = click.Choice(option.choices)
+    elif option.type is int:
+        kwargs["type"] = click.IntRange(option.low, option.high)
+    elif option.type is float:
+        kwargs["type"] = click.FloatRange(option.low, option.high)
+        kwargs["callback"] = finite_float
+    return click.option(f"--{option.name.replace('_', '-')}", option.name, **kwargs)
 
 
 def option_names() -> list[str]:

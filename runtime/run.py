@@ -20,7 +20,7 @@ from .options import SampleOptions
 from .samplers.base import sampler_class
 from .samplers.noise import Noise, draw_noise
 from .schedule import Schedule
-from .stepmath import PREDICTIONS, eps_from_output
+from .stepmath import PREDICTIONS, eps_from_output, predict_x0
 
 
 class Run:
@@ -31,10 +31,16 @@ class Run:
     predicts x_0 clipped to ``clip_range`` (None: unclipped). ``prediction``: what the
     network returns (the model record's ``prediction``: "eps", "v" or "x0"); the samplers
     step on the eps it implies, computed here in float64.
+
+    ``start``: the state x to start from (at the schedule's last step), instead of x_T
+    drawn from ``noise``: an edit's noised image. ``keep_x0``: after each step, ``x0``
+    holds the x_0 the network predicted at that step (clipped like the sampler's), for
+    progressive previews.
     """
 
     def __init__(self, schedule: Schedule, options: SampleOptions, shape: Sequence[int],
-                 noise: Noise, *, clip_range=(-1.0, 1.0), prediction: str = "eps"):
+                 noise: Noise, *, clip_range=(-1.0, 1.0), prediction: str = "eps",
+                 start: np.ndarray | None = None, keep_x0: bool = False):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; expected one of "
                              f"{PREDICTIONS}")
@@ -48,8 +54,15 @@ class Run:
         self.prediction = prediction
         self.schedule = schedule
         self._eps = None if prediction == "eps" else np.empty(self.shape, np.float64)
+        self.clip = clip_range
+        self.keep_x0 = keep_x0
+        self.x0: np.ndarray | None = None
         # Owned, C-contiguous float32: the sampler updates it in place.
-        self.x = np.array(draw_noise(noise, self.shape), dtype=np.float32, order="C")
+        if start is None:
+            start = draw_noise(noise, self.shape)
+        elif np.shape(start) != self.shape:
+            raise ValueError(f"start has shape {np.shape(start)}, expected {self.shape}")
+        self.x = np.array(start, dtype=np.float32, order="C")
 
     @property
     def rows(self) -> int:
@@ -76,6 +89,14 @@ class Run:
         """One step with the network's output for this run's rows: checked for shape and
         NaN/inf (:class:`~runtime.errors.NonFiniteError` names the step), turned into eps if
         the network predicts v or x_0, then ``x`` is updated in place."""
+        s = self.sampler
+        eps = self.eps_of(output, s.index)
+        if self.keep_x0:
+            self.x0 = self.predicted_x0(eps, s.index)
+        s.step(self.x, eps, draw_noise(self.noise, self.shape) if s.needs_noise else None)
+
+    def eps_of(self, output: np.ndarray, index: int) -> np.ndarray:
+        """The network's output at schedule ``index`` for ``x``, checked, as eps."""
         eps = np.asarray(output)
         if eps.shape != self.shape:
             raise ValueError(f"the network returned shape {eps.shape}, expected {self.shape}")
@@ -84,10 +105,16 @@ class Run:
                 f"the network returned NaN or inf at step t={int(self.t)} "
                 f"({self.steps_done + 1} of {self.num_steps}); check the model file and its "
                 "inputs")
-        s = self.sampler
-        if self._eps is not None:
-            i = s.index
-            eps = eps_from_output(self.prediction, self.x, eps,
-                                  self.schedule.sqrt_alphas_cumprod[i],
-                                  self.schedule.sqrt_one_minus_alphas_cumprod[i], self._eps)
-        s.step(self.x, eps, draw_noise(self.noise, self.shape) if s.needs_noise else None)
+        if self._eps is None:
+            return eps
+        return eps_from_output(self.prediction, self.x, eps,
+                               self.schedule.sqrt_alphas_cumprod[index],
+                               self.schedule.sqrt_one_minus_alphas_cumprod[index], self._eps)
+
+    def predicted_x0(self, eps: np.ndarray, index: int) -> np.ndarray:
+        """float32 x_0 predicted from ``x`` and ``eps`` at schedule ``index``."""
+        s = self.schedule
+        x0 = predict_x0(self.x, eps, s.sqrt_recip_alphas_cumprod[index],
+                        s.sqrt_recipm1_alphas_cumprod[index], self.clip,
+                        np.empty(self.shape), np.empty(self.shape))
+        return x0.astype(np.float32)

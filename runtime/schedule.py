@@ -168,6 +168,17 @@ class Schedule:
         config = dict(self.config, respaced=int(num_steps), spacing=spacing)
         return Schedule(betas, timesteps=self.timesteps[keep], config=config)
 
+    def first(self, num_steps: int) -> Schedule:
+        """The first ``num_steps`` steps of this schedule (those nearest the data): the
+        chain an edit runs when it starts from a noised image instead of pure noise. The
+        kept steps' ``alphas_cumprod`` are this schedule's, so q(x_t | x_0) is unchanged."""
+        check_int(num_steps, "num_steps", maximum=self.num_timesteps)
+        if num_steps == self.num_timesteps:
+            return self
+        config = dict(self.config, first=int(num_steps))
+        return Schedule(self.betas[:num_steps], timesteps=self.timesteps[:num_steps],
+                        config=config)
+
     # === Math on arrays ===
 
     def q_sample(self, x0, t, noise):

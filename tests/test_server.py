@@ -450,3 +450,106 @@ def test_bad_serve_options_are_one_line(tiny_onnx, tmp_path):
              (["serve", tiny_onnx, "--max-client-connections", "0"],
               "--max-client-connections")]
     run_table("runtime.cli:main", cases, tmp_path)
+
+
+# === Edits: images in, sharing network calls with sampling requests ===
+
+def _png_b64(image: np.ndarray) -> str:
+    from runtime.images import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def _edit_inputs(local):
+    images = local.sample(3, 11, sampler="ddim", steps=10, progress=False)
+    mask = np.full((8, 8, 1), 255, np.uint8)
+    mask[4:] = 0
+    return images, mask
+
+
+def test_served_edits_equal_the_library_while_sharing_calls_with_samples(server, local):
+    images, mask = _edit_inputs(local)
+    requests = [
+        ("/v1/edits/img2img", {"image": _png_b64(images[0]), "n": 4, "seed": 2,
+                               "strength": 0.6, "steps": 40, "format": "npz"}),
+        ("/v1/edits/inpaint", {"image": [_png_b64(im) for im in images], "seed": 5,
+                               "mask": _png_b64(mask), "steps": 30, "jump_length": 5,
+                               "resamples": 2, "sampler": "ddim", "format": "npz"}),
+        ("/v1/samples", {"n": 3, "seed": 1, "steps": 50, "format": "npz"}),
+    ]
+    before = server.metrics()["ddpm_ticks_total"]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        replies = list(pool.map(lambda r: server.request("POST", r[0], r[1]), requests))
+    got = []
+    for status, _, body in replies:
+        assert status == 200, body
+        got.append(np.load(io.BytesIO(body))["images"])
+    np.testing.assert_array_equal(got[0], local.img2img(images[0], 2, n=4, strength=0.6,
+                                                        steps=40, progress=False))
+    np.testing.assert_array_equal(got[1], local.inpaint(
+        images, mask[..., 0], 5, steps=30, jump_length=5, resamples=2, sampler="ddim",
+        progress=False))
+    np.testing.assert_array_equal(got[2], local.sample(3, 1, steps=50, progress=False))
+    np.testing.assert_array_equal(got[1][:, :4], images[:, :4])  # the kept rows
+    echo = json.loads(replies[0][1]["x-sample-options"])
+    assert echo["edit"] == "img2img" and echo["strength"] == 0.6 and echo["n"] == 4
+    ticks = server.metrics()["ddpm_ticks_total"] - before
+    inpaint_calls = 30 + 5 * len(range(0, 25, 5))
+    assert ticks < 24 + inpaint_calls + 50  # fewer calls than the three alone
+
+
+def test_stream_sends_previews_of_the_predicted_x0(server, local):
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    conn.request("POST", "/v1/samples", body=json.dumps(
+        {"n": 2, "seed": 3, "sampler": "ddim", "steps": 20, "stream": True, "previews": 5}))
+    response = conn.getresponse()
+    events = [chunk.split("\n", 1) for chunk in response.read().decode().split("\n\n")
+              if chunk.strip()]
+    conn.close()
+    previews = [json.loads(data.removeprefix("data: ")) for kind, data in events
+                if kind == "event: preview"]
+    assert [p["steps_done"] for p in previews] == [10, 20, 30, 40]
+    result = json.loads(events[-1][1].removeprefix("data: "))
+    # The last preview is the x_0 of the last step: the image itself (DDIM at t = 0).
+    last = _png_array(base64.b64decode(previews[-1]["png"]))
+    np.testing.assert_array_equal(last, _png_array(base64.b64decode(result["data"])))
+
+
+def test_bad_edit_requests_name_the_field(server, local):
+    images, mask = _edit_inputs(local)
+    from PIL import Image
+
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(rgb, format="PNG")
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(big, format="PNG")
+    grey = mask.copy()
+    grey[0, 0] = 7
+    ok = _png_b64(images[0])
+    cases = [
+        ("img2img", {}, 400, "image"),
+        ("img2img", {"image": "***"}, 400, "image"),
+        ("img2img", {"image": base64.b64encode(b"GIF89a").decode()}, 422, "image"),
+        ("img2img", {"image": base64.b64encode(rgb.getvalue()).decode()}, 422, "image"),
+        ("img2img", {"image": base64.b64encode(big.getvalue()).decode()}, 422, "image"),
+        ("img2img", {"image": ok, "strength": 2}, 422, "strength"),
+        ("img2img", {"image": ok, "strength": "lots"}, 400, "strength"),
+        ("img2img", {"image": ok, "mask": ok}, 400, None),
+        ("img2img", {"image": [ok] * 17}, 422, "image"),
+        ("img2img", {"image": [ok, ok], "n": 3}, 422, "n"),
+        ("inpaint", {"image": ok}, 400, "mask"),
+        ("inpaint", {"image": ok, "mask": _png_b64(grey)}, 422, "mask"),
+        ("inpaint", {"image": ok, "mask": _png_b64(np.full((8, 8, 1), 255, np.uint8))}, 422,
+         "mask"),
+        ("inpaint", {"image": ok, "mask": _png_b64(mask), "sampler": "unipc"}, 422, "sampler"),
+        ("inpaint", {"image": ok, "mask": _png_b64(mask), "resamples": 0}, 422, "resamples"),
+        ("blur", {"image": ok}, 404, None),
+        ("img2img", {"image": ok, "previews": 2}, 400, "previews"),
+    ]
+    for kind, body, want, field in cases:
+        status, _, reply = server.request("POST", f"/v1/edits/{kind}", body)
+        error = json.loads(reply)
+        assert status == want, (kind, list(body), reply[:300])
+        assert b"Traceback" not in reply and "\n" not in error["error"]
+        if field:
+            assert error.get("field") == field, (kind, list(body), error)

@@ -48,6 +48,9 @@ class Sampler:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    # A step depends on the current state only, so the run may be set back to an earlier
+    # step (inpainting's resampling jumps): True unless a step reads earlier steps' outputs.
+    restartable: ClassVar[bool] = True
 
     def __init__(self, schedule: Schedule, shape: Sequence[int], *, clip_x0: bool = True,
                  clip_range=(-1.0, 1.0)):

@@ -29,6 +29,7 @@ class MultistepSampler(Sampler):
     """
 
     history: int = 1
+    restartable = False  # a step reads the predictions of the steps before it
 
     def __init__(self, schedule: Schedule, shape, **kwargs):
         super().__init__(schedule, shape, **kwargs)

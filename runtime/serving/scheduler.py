@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..edits import Edit, run_kwargs
 from ..errors import Cancelled, OptionError, QueueFull, RequestIdInUse, ShuttingDown, check_int
 from ..metadata import ModelRecord
 from ..options import SEED, N, SampleOptions, show_value
@@ -31,6 +32,9 @@ from ..samplers import ImageNoise
 from ..schedule import Schedule
 
 OUTCOMES = ("done", "cancelled", "failed")
+# An edit request may take this many network calls per image per step allowed: RePaint's
+# own setting (10 resamples) at the server's step limit.
+EDIT_CALLS_PER_STEP = 10
 
 
 class Job:
@@ -42,10 +46,15 @@ class Job:
     """
 
     def __init__(self, n: int, seed: int, options: SampleOptions, image_shape,
-                 on_progress, on_done, job_id: str | None = None):
+                 on_progress, on_done, job_id: str | None = None, *, edit: Edit | None = None,
+                 calls: int | None = None, previews: int = 0, on_preview=None):
         self.id = job_id or uuid.uuid4().hex
         self.n, self.seed, self.options, self.steps = n, seed, options, options.steps
-        self.steps_total = n * options.steps
+        self.edit = edit
+        # Network calls per image: the steps, or what the edit takes on them.
+        self.calls = options.steps if calls is None else calls
+        self.steps_total = n * self.calls
+        self.previews, self._on_preview = previews, on_preview
         self.steps_done = 0
         self.status = "queued"  # queued -> running -> done | cancelled | failed
         self.error: BaseException | None = None
@@ -104,6 +113,22 @@ class Job:
         self.finished += hi - lo
         return self.finished == self.n
 
+    def make_run(self, schedule: Schedule, lo: int, hi: int, record: ModelRecord) -> Run:
+        """The run for images lo..hi-1: the sampler's, or the edit's."""
+        noise = ImageNoise(self.seed, range(lo, hi))
+        keep_x0 = self.previews > 0
+        if self.edit is not None:
+            return self.edit.make_run(schedule, self.options, lo, hi, noise, record,
+                                      keep_x0=keep_x0)
+        return Run(schedule, self.options, (hi - lo, *self.image_shape), noise,
+                   keep_x0=keep_x0, **run_kwargs(record))
+
+    def report_preview(self, lo: int, run) -> None:
+        """Hand ``on_preview(job, lo, x0)`` the x_0 predicted for images lo.. at this step,
+        every ``previews``-th step of their run and at its last."""
+        if self._on_preview is not None and (run.steps_done % self.previews == 0 or run.done):
+            self._on_preview(self, lo, run.x0)
+
     def report_progress(self) -> bool | None:
         """Call ``on_progress``; its answer (False: cancel). Its exception propagates."""
         if self._on_progress is None:
@@ -128,10 +153,7 @@ class _Group:
 
     def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, record: ModelRecord):
         self.job, self.lo, self.hi = job, lo, hi
-        self.run = Run(schedule, job.options, (hi - lo, *job.image_shape),
-                       ImageNoise(job.seed, range(lo, hi)),
-                       clip_range=record.data_range if record.clip_x0 else None,
-                       prediction=record.prediction)
+        self.run = job.make_run(schedule, lo, hi, record)
 
     @property
     def rows(self) -> int:
@@ -160,6 +182,8 @@ class BatchScheduler:
         self.max_steps = T if max_steps is None else max_steps
         # Above T the limit would be reported but never reached: a chain has T steps at most.
         check_int(self.max_steps, "max_steps", maximum=T)
+        # An edit may take more calls than steps (inpainting's resampling): bounded alike.
+        self.max_calls = EDIT_CALLS_PER_STEP * self.max_steps
         self.max_batch, self.max_queue, self.max_n = max_batch, max_queue, max_n
         self.batching = batching
         self.image_shape = tuple(record.image_shape)
@@ -200,14 +224,29 @@ class BatchScheduler:
     def submit(self, n: int, seed: int, options: SampleOptions | None = None, *,
                on_progress: Callable[[int, int], bool | None] | None = None,
                on_done: Callable[[Job], None] | None = None,
-               job_id: str | None = None) -> Job:
-        """Queue a request. Raises :class:`OptionError` for a bad field,
+               job_id: str | None = None, edit: Edit | None = None, previews: int = 0,
+               on_preview: Callable[[Job, int, np.ndarray], None] | None = None) -> Job:
+        """Queue a request: n images drawn, or ``edit`` (a :class:`~runtime.edits.Edit` of
+        n images). ``previews`` k > 0: ``on_preview(job, lo, x0)`` gets the x_0 predicted
+        for images lo.. every k-th step. Raises :class:`OptionError` for a bad field,
         :class:`RequestIdInUse`, :class:`QueueFull` or :class:`ShuttingDown`."""
         if options is None:
             options = SampleOptions.make(defaults=self.record.defaults)
+        if edit is not None and n != edit.n:
+            raise OptionError("n", f"n is {n} but the edit has {edit.n} images")
+        check_int(previews, "previews", minimum=0)
         options = self.check(n, seed, options)
-        self._schedule(options)  # built now: a bad one never reaches a tick
-        job = Job(n, seed, options, self.image_shape, on_progress, on_done, job_id)
+        schedule = self._schedule(options)  # built now: a bad one never reaches a tick
+        calls = None
+        if edit is not None:
+            edit.check(options)
+            calls = edit.calls(schedule, self.record)
+            if calls > self.max_calls:
+                raise OptionError("resamples", f"the edit takes {calls} network calls per "
+                                  f"image, more than this server's {self.max_calls}; use fewer "
+                                  "steps or resamples")
+        job = Job(n, seed, options, self.image_shape, on_progress, on_done, job_id, edit=edit,
+                  calls=calls, previews=previews, on_preview=on_preview)
         with self._lock:
             if job.id in self._live:
                 raise RequestIdInUse(f"request id {job.id!r} is already in use by a queued or "
@@ -298,6 +337,12 @@ class BatchScheduler:
                 continue
             job.steps_done += g.rows
             advanced[job.id] = job
+            if job.previews:
+                try:
+                    job.report_preview(g.lo, g.run)
+                except Exception as err:  # the listener's failure is its request's
+                    self._finish(job, "failed", err)
+                    continue
             if g.run.done:
                 finished.append(g)
         for job in advanced.values():
@@ -323,8 +368,10 @@ class BatchScheduler:
                     self._queue.popleft()
         for job, lo, hi in taken:
             if job.begin():
-                schedule = self._schedule(job.options)
-                self._groups.append(_Group(job, lo, hi, schedule, self.record))
+                group = _Group(job, lo, hi, self._schedule(job.options), self.record)
+                self._groups.append(group)
+                if group.run.done:  # an edit with nothing to run (img2img at strength 0)
+                    self._retire(group)
 
     def _drop_cancelled(self) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ import contextlib
 import io
 import ipaddress
 import json
+import math
 import re
 import secrets
 import signal
@@ -38,6 +39,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..edits import EDITS, broadcast_images, edit_class, images_from_uint8, mask_from_array
 from ..errors import (
     Cancelled,
     OptionError,
@@ -45,13 +47,18 @@ from ..errors import (
     RequestIdInUse,
     ShuttingDown,
 )
-from ..images import make_grid, png_bytes, to_uint8
-from ..options import SEED, N, SampleOptions, option_names, show_value
+from ..images import make_grid, png_bytes, read_png, to_uint8
+from ..options import SEED, N, Option, SampleOptions, option_names, show_value
 from .scheduler import BatchScheduler, Job
 
 FORMATS = ("grid", "png", "npz")
-REQUEST_FIELDS = ("format", "stream", "id")
+REQUEST_FIELDS = ("format", "stream", "id", "previews")
 MAX_BODY = 16 << 10  # a request is a few small fields
+# An edit carries its images: base64 PNGs at most this many bytes per pixel value each
+# (PNG's worst case is a little over 1; base64 adds a third), up to the server's max n.
+EDIT_BYTES_PER_VALUE = 2
+PREVIEWS = Option("previews", int, 0, "stream the predicted x_0 every k steps (0: none)",
+                  low=0)
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # Longer integers are kept as a stand-in that names their length: Python refuses to convert
@@ -62,7 +69,8 @@ MAX_INT_DIGITS = 100
 ERROR_CODES = {
     "bad_request": (400, "the body is not a JSON object of known fields of the right types"),
     "invalid_field": (422, "a field's value is out of range or not one of its choices"),
-    "body_too_large": (413, f"the body is over {MAX_BODY} bytes"),
+    "body_too_large": (413, f"the body is over {MAX_BODY} bytes (an edit's: its images' "
+                            "worth)"),
     "body_timeout": (408, "the body did not arrive within the server's --body-timeout"),
     "id_in_use": (409, "the request's id names a queued or running request"),
     "cancelled": (409, "the request was cancelled (DELETE, or its client went away)"),
@@ -111,12 +119,13 @@ def _parse_int(text: str) -> int:
     return huge
 
 
-def parse_request(body, defaults=None) -> dict:
+def parse_request(body, defaults=None, *, extra=()) -> dict:
     """The request's fields, typed and defaulted (sampling options from the model's
-    ``defaults``, then the schema's); BadRequest names the first bad one."""
+    ``defaults``, then the schema's); BadRequest names the first bad one. ``extra``: the
+    route's own fields (an edit's), left for the route to read."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object such as {\"n\": 4, \"seed\": 0}")
-    fields = {"n", "seed", *option_names(), *REQUEST_FIELDS}
+    fields = {"n", "seed", *option_names(), *REQUEST_FIELDS, *extra}
     unknown = sorted(set(body) - fields)
     if unknown:
         raise BadRequest(f"unknown field(s) {unknown}; expected some of {sorted(fields)}")
@@ -146,22 +155,85 @@ def parse_request(body, defaults=None) -> dict:
         raise BadRequest("id must be 1-64 characters of letters, digits, '_', '.', '-'",
                          field="id")
     req["id"] = job_id
+    previews = body.get("previews", 0)
+    try:
+        req["previews"] = PREVIEWS.check(previews)
+    except OptionError as err:
+        raise BadRequest(str(err), "bad_request" if err.kind == "type" else "invalid_field",
+                         "previews") from None
+    if req["previews"] and not stream:
+        raise BadRequest("previews are sent as stream events; set \"stream\": true",
+                         field="previews")
     return req
 
 
-async def read_json(request: Request, timeout: float = 10.0):
+def parse_edit(kind: str, body: dict, scheduler: BatchScheduler) -> dict:
+    """An edit request: the common fields, then ``image`` (one base64 PNG, or a list of
+    them), ``mask`` (inpaint) and the edit's options; BadRequest names the first bad one."""
+    cls = edit_class(kind)
+    own = [o.name for o in cls.options]
+    extra = ["image", *(["mask"] if cls.takes_mask else []), *own]
+    record = scheduler.record
+    n_given = isinstance(body, dict) and body.get("n") is not None
+    req = parse_request(body, record.defaults, extra=extra)
+    shape, data_range = record.image_shape, record.data_range
+    try:
+        if "image" not in body:
+            raise OptionError("image", "image is missing: a base64 PNG, or a list of them",
+                              kind="type")
+        pngs = body["image"] if isinstance(body["image"], list) else [body["image"]]
+        if not 1 <= len(pngs) <= scheduler.max_n:
+            raise OptionError("image", f"give 1 to {scheduler.max_n} images, got {len(pngs)}")
+        pixels = np.stack([decode_png(p, shape, "image") for p in pngs])
+        images = broadcast_images(images_from_uint8(pixels, shape, data_range),
+                                  req["n"] if n_given else None)
+        mask = None
+        if cls.takes_mask:
+            if "mask" not in body:
+                raise OptionError("mask", "mask is missing: a base64 PNG, white (255) where "
+                                  "the image is kept, black (0) where it is filled in",
+                                  kind="type")
+            mask = mask_from_array(decode_png(body["mask"], shape, "mask", mask=True), shape)
+        edit = cls(images, mask=mask, **{k: body[k] for k in own if body.get(k) is not None})
+    except OptionError as err:
+        raise BadRequest(str(err), "bad_request" if err.kind == "type" else "invalid_field",
+                         err.field) from None
+    except ValueError as err:  # the pixels: size, channels, a mask that is not binary
+        raise BadRequest(str(err), "invalid_field",
+                         "mask" if str(err).startswith("mask") else "image") from None
+    req["n"], req["edit"] = edit.n, edit
+    return req
+
+
+def decode_png(data, shape, field: str, *, mask: bool = False) -> np.ndarray:
+    """A base64 PNG field -> uint8 [H, W, C] of the model's size; OptionError names the
+    field. Its size is checked from the header, before the pixels are decoded."""
+    if not isinstance(data, str):
+        raise OptionError(field, f"{field} must be a base64 PNG string, got "
+                          f"{type(data).__name__}", kind="type")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise OptionError(field, f"{field} is not valid base64", kind="type") from None
+    try:
+        return read_png(raw, shape, field, mask=mask)
+    except ValueError as err:
+        raise OptionError(field, str(err)) from None
+
+
+async def read_json(request: Request, timeout: float = 10.0, max_body: int = MAX_BODY):
     """The body as JSON, read within ``timeout`` seconds: a body that never ends would hold
     its connection and its task for ever."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise BadRequest(f"the body must be at most {MAX_BODY} bytes", "body_too_large")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+        raise BadRequest(f"the body must be at most {max_body} bytes", "body_too_large")
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > MAX_BODY:
-                    raise BadRequest(f"the body must be at most {MAX_BODY} bytes",
+                if size > max_body:
+                    raise BadRequest(f"the body must be at most {max_body} bytes",
                                      "body_too_large")
                 chunks.append(chunk)
     except TimeoutError:
@@ -241,10 +313,26 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
     state = {"draining": False}
     data_range = scheduler.record.data_range
 
+    edit_body = MAX_BODY + EDIT_BYTES_PER_VALUE * (scheduler.max_n + 1) * math.prod(
+        scheduler.image_shape)
+
     async def samples(request: Request) -> Response:
+        return await handle(request, None)
+
+    async def edits(request: Request) -> Response:
+        kind = request.path_params["kind"]
+        if kind not in EDITS:
+            return error("not_found", f"no edit {kind!r}; edits are {sorted(EDITS)}")
+        return await handle(request, kind)
+
+    async def handle(request: Request, kind: str | None) -> Response:
         try:
-            req = parse_request(await read_json(request, body_timeout),
-                                scheduler.record.defaults)
+            if kind is None:
+                req = parse_request(await read_json(request, body_timeout),
+                                    scheduler.record.defaults)
+            else:
+                body = await read_json(request, body_timeout, edit_body)
+                req = await asyncio.to_thread(parse_edit, kind, body, scheduler)
         except BadRequest as err:
             invalid["count"] += 1
             # The rest of a late body may still come: the connection cannot be reused.
@@ -265,10 +353,21 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
                 progress["event"].set()
             loop.call_soon_threadsafe(publish)
 
+        def on_preview(job, lo, x0):
+            event = {"steps_done": job.steps_done, "steps_total": job.steps_total,
+                     "first_image": lo, "images": len(x0),
+                     "png": base64.b64encode(png_bytes(make_grid(
+                         to_uint8(x0, data_range)))).decode()}
+            loop.call_soon_threadsafe(progress["previews"].append, event)
+            loop.call_soon_threadsafe(progress["event"].set)
+
+        progress["previews"] = []
         try:
             job = scheduler.submit(req["n"], req["seed"], req["options"], on_done=on_done,
                                    on_progress=on_progress if req["stream"] else None,
-                                   job_id=req["id"])
+                                   job_id=req["id"], edit=req.get("edit"),
+                                   previews=req["previews"],
+                                   on_preview=on_preview if req["previews"] else None)
         except ShuttingDown as err:
             return error("shutting_down", str(err), **{"Retry-After": "1"})
         except QueueFull as err:
@@ -280,7 +379,8 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
         except OptionError as err:
             invalid["count"] += 1
             return error("invalid_field", str(err), field=err.field)
-        echo = {"id": job.id, "n": job.n, "seed": job.seed, **job.options.to_dict()}
+        echo = {"id": job.id, "n": job.n, "seed": job.seed, **job.options.to_dict(),
+                **(job.edit.to_dict() if job.edit is not None else {})}
         if req["stream"]:
             return StreamingResponse(_events(job, finished, progress, req["format"], echo),
                                      media_type="text/event-stream",
@@ -306,6 +406,10 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
                 done, total = progress["steps"]
                 if total and not finished.done():
                     yield _sse("progress", {"steps_done": done, "steps_total": total})
+                while progress["previews"]:
+                    yield _sse("preview", progress["previews"].pop(0))
+            while progress["previews"]:  # the last step's: queued before the end was
+                yield _sse("preview", progress["previews"].pop(0))
             outcome = await _outcome(job, fmt, echo, latency, data_range, state["draining"])
             if isinstance(outcome, Response):
                 yield _sse("error", json.loads(outcome.body) | {"status": outcome.status_code})
@@ -349,6 +453,7 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
         scheduler.close(drain=False, timeout=30)
 
     routes = [Route("/v1/samples", samples, methods=["POST"]),
+              Route("/v1/edits/{kind}", edits, methods=["POST"]),
               Route("/v1/samples/{job_id}", cancel, methods=["DELETE"]),
               Route("/healthz", healthz), Route("/v1/model", model),
               Route("/metrics", metrics)]

@@ -258,3 +258,94 @@ def test_mask_forms():
         keep = mask_from_array(mask, shape)
         assert keep.shape[2:] == (8, 8) and keep[..., :4, :].all() and not keep[..., 4:, :].any()
     assert set(EDITS) >= {"img2img", "inpaint"}
+
+
+# === The CLI: real subprocesses on a real model file ===
+
+def _cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _png(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def test_cli_edits_write_what_the_library_makes(tiny_onnx, tmp_path):
+    import runtime
+    from runtime.images import make_grid, save_png
+
+    with runtime.load(tiny_onnx, threads=1) as pipe:
+        images = pipe.sample(2, 0, steps=5, progress=False)
+        save_png(images[0], tmp_path / "a.png")
+        save_png(images[1], tmp_path / "b.png")
+        mask = np.full((8, 8, 1), 255, np.uint8)
+        mask[:, :3] = 0
+        save_png(mask, tmp_path / "mask.png")
+        want_img2img = pipe.img2img(images[0], 4, n=3, strength=0.3, steps=20, progress=False)
+        want_inpaint = pipe.inpaint(images[0], mask[..., 0], 0, steps=10, jump_length=3,
+                                    resamples=2, progress=False)
+        want_decoded = pipe.decode(pipe.invert(images[:1], steps=10, progress=False),
+                                   steps=10, progress=False)
+        want_row = pipe.interpolate(images[0], images[1], num=4, steps=10, progress=False)
+    run = _cli("img2img", tiny_onnx, "a.png", "-n", 3, "--seed", 4, "--strength", 0.3,
+               "--steps", 20, "-o", "i.png", "--npz", "i.npz", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "i.npz")["images"], want_img2img)
+    np.testing.assert_array_equal(_png(tmp_path / "i.png"), make_grid(want_img2img)[..., 0])
+    run = _cli("inpaint", tiny_onnx, "a.png", "--mask", "mask.png", "--steps", 10,
+               "--jump-length", 3, "--resamples", 2, "--npz", "p.npz", "-o", "p.png",
+               cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npz")["images"], want_inpaint)
+    assert _cli("invert", tiny_onnx, "a.png", "--steps", 10, "-o", "z.npz",
+                cwd=tmp_path).returncode == 0
+    run = _cli("decode", tiny_onnx, "z.npz", "--steps", 10, "--npz", "d.npz", "-o", "d.png",
+               cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "d.npz")["images"], want_decoded)
+    run = _cli("interpolate", tiny_onnx, "a.png", "b.png", "--num", 4, "--steps", 10,
+               "-o", "row.png", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_array_equal(_png(tmp_path / "row.png"),
+                                  make_grid(want_row, ncol=4)[..., 0])
+
+
+def test_cli_bad_edit_inputs_are_one_line_and_write_nothing(tiny_onnx, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "tall.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    grey = np.full((8, 8), 255, np.uint8)
+    grey[0, 0] = 128
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "white.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    cases = [
+        (("img2img", tiny_onnx, "rgb.png"), "has PNG mode RGB"),
+        (("img2img", tiny_onnx, "tall.png"), "is 8x9 pixels but the model takes 8x8"),
+        (("img2img", tiny_onnx, "junk.png"), "is not a PNG image"),
+        (("img2img", tiny_onnx, "none.png"), "does not exist"),
+        (("img2img", tiny_onnx, "a.png", "--strength", "1.5"), "1.5 is not in the range"),
+        (("img2img", tiny_onnx, "a.png", "-o", "a.png"), "is also an input"),
+        (("inpaint", tiny_onnx, "a.png", "--mask", "grey.png"), "mask grey.png is not binary"),
+        (("inpaint", tiny_onnx, "a.png", "--mask", "white.png"), "nothing to inpaint"),
+        (("inpaint", tiny_onnx, "a.png"), "Missing option '--mask'"),
+        (("inpaint", tiny_onnx, "a.png", "--mask", "a.png", "--sampler", "unipc"),
+         "unipc sampler cannot"),
+        (("interpolate", tiny_onnx, "a.png", "rgb.png"), "b rgb.png has PNG mode RGB"),
+    ]
+    for args, message in cases:
+        run = _cli(*args, "-o", "out.png", cwd=tmp_path) if "-o" not in args else _cli(
+            *args, cwd=tmp_path)
+        assert run.returncode in (1, 2), (args, run.stderr)
+        assert message in run.stderr, (args, run.stderr)
+        assert "Traceback" not in run.stderr
+        assert not (tmp_path / "out.png").exists()

@@ -349,3 +349,33 @@ def test_cli_bad_edit_inputs_are_one_line_and_write_nothing(tiny_onnx, tmp_path)
         assert message in run.stderr, (args, run.stderr)
         assert "Traceback" not in run.stderr
         assert not (tmp_path / "out.png").exists()
+
+
+def test_scheduled_edits_equal_the_library_and_strength_0_takes_no_call():
+    from runtime.options import SampleOptions
+    from runtime.serving.scheduler import BatchScheduler
+
+    pipe = pipeline()
+    images, mask = digits(3), lower_half_unknown()
+    scheduler = BatchScheduler(pipe.eps_fn, pipe.record, max_batch=4, max_n=8)
+    inpaint = pipe.make_edit("inpaint", images, mask=mask,
+                             options={"jump_length": 4, "resamples": 2})
+    img2img = pipe.make_edit("img2img", images[:1], n=5, options={"strength": 0.4})
+    still = pipe.make_edit("img2img", images, options={"strength": 0.0})
+    opts = SampleOptions.make("ddim", 20, eta=0.5)
+    jobs = [scheduler.submit(3, 7, opts, edit=inpaint), scheduler.submit(5, 8, opts, edit=img2img),
+            scheduler.submit(2, 9, opts)]
+    while scheduler.tick():
+        pass
+    ticks = scheduler.ticks
+    kept = scheduler.submit(3, 1, opts, edit=still)
+    assert scheduler.tick() == 0 and scheduler.ticks == ticks
+    np.testing.assert_array_equal(kept.result(timeout=0), still.images)
+    want = [pipe.edit_float("inpaint", images, 7, mask=mask, jump_length=4, resamples=2,
+                            sampler="ddim", steps=20, eta=0.5, progress=False),
+            pipe.edit_float("img2img", images[:1], 8, n=5, strength=0.4, sampler="ddim",
+                            steps=20, eta=0.5, progress=False),
+            pipe.sample_float(2, 9, sampler="ddim", steps=20, eta=0.5, progress=False)]
+    for job, expected in zip(jobs, want, strict=True):
+        np.testing.assert_array_equal(job.result(timeout=0), expected)
+    assert jobs[0].steps_total == 3 * inpaint.calls(opts.respace(pipe.schedule), pipe.record)

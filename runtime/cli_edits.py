@@ -25,6 +25,7 @@ from .cli import (
 from .edits import EDITS, mask_from_array
 from .images import to_uint8
 from .options import SEED, click_options, flag
+from .schedule import SPACINGS
 from .util.fileio import atomic_outputs, check_name_lengths, check_output
 
 _IMAGE = click.Path(dir_okay=False, path_type=Path)
@@ -129,11 +130,12 @@ def inpaint_cmd(model, image, mask, n, seed, batch_size, out, npz, each, progres
 
 
 def _chain_flags(fn):
-    fn = click.option("--spacing", type=click.Choice(("linspace", "leading", "trailing",
-                                                      "quadratic")), default="linspace",
-                      show_default=True)(fn)
+    fn = click.option("--spacing", type=click.Choice(SPACINGS), default=None,
+                      help="which timesteps --steps keeps (invert: default linspace; decode: "
+                      "default the latents' own)")(fn)
     fn = click.option("--steps", type=click.IntRange(min=1), default=None,
-                      help="DDIM steps (default: all T of the model); decode with the same")(fn)
+                      help="DDIM steps (invert: default all T of the model; decode: default "
+                      "the steps the latents were inverted with)")(fn)
     return fn
 
 
@@ -152,10 +154,12 @@ def invert_cmd(model, image, steps, spacing, out, progress, backend, device, thr
     check_name_lengths(out, "-o/--out")
     _check_suffix(out, ".npz", "-o/--out", "numpy would add it")
     check_output(out, inputs=[model, image], option="-o/--out")
+    spacing = spacing or "linspace"
     with load(model, backend=backend, device=device, threads=threads) as pipe:
         latents = pipe.invert(_read(image, pipe, "image"), steps=steps, spacing=spacing,
                               progress=progress)
         steps = steps or pipe.record.num_timesteps
+    # The chain goes with the latents: decode walks it back by default.
     with atomic_outputs() as outputs, open(outputs.add(out), "xb") as f:
         np.savez_compressed(f, latents=latents, steps=steps, spacing=spacing)
     click.echo(f"{len(latents)} latents, DDIM {steps} steps ({spacing}) -> {out}")
@@ -177,7 +181,9 @@ def decode_cmd(model, latents, steps, spacing, batch_size, out, npz, each, progr
         with np.load(io.BytesIO(read_regular_file(latents, 1 << 30)),
                      allow_pickle=False) as f:
             z = f["latents"]
-    except (OSError, ValueError, KeyError, EOFError) as err:
+            steps = steps or (int(f["steps"]) if "steps" in f.files else None)
+            spacing = spacing or (str(f["spacing"]) if "spacing" in f.files else "linspace")
+    except (OSError, ValueError, KeyError, EOFError, TypeError) as err:
         raise click.BadParameter(f"{latents} is not an .npz with 'latents' that invert "
                                  f"wrote ({err})", param_hint="LATENTS") from None
     each_png = _check_outputs(out, npz, each, len(z), inputs=[model, latents])

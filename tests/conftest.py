@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 
+# Set before torch (and its OpenMP) loads here or in any subprocess a test starts: a waiting
+# OpenMP thread sleeps instead of spinning. Two workers share two cores, so a spinning thread
+# holds the core the other worker needs (a 2-thread training test took 43 s with spinning
+# and 9 s without, on a busy 2-core machine). It changes no result, only who waits how.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # The pytest-xdist worker this process is ("gw0", ...), or None in a plain run.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 

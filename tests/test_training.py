@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -417,6 +418,8 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tmp_path):
             assert first.poll() is None, first.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # Stopped, it still holds the lock, and leaves the cores to the rest of the test.
+        first.send_signal(signal.SIGSTOP)
         before = sorted(p.name for p in out.iterdir())
         second = subprocess.run([*cmd, "--steps", "5"], cwd=tmp_path, capture_output=True,
                                 text=True, timeout=120)

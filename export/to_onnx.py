@@ -30,6 +30,11 @@ def export_options(fn):
     fn = click.option("--tolerance", type=click.FloatRange(min=0.0), default=None,
                       callback=finite_float,
                       help="max |onnx - torch| / max |torch| accepted (default 2e-5)")(fn)
+    fn = click.option("--external-data", type=click.Choice(["auto", "yes", "no"]),
+                      default="auto", show_default=True,
+                      help="weights in a data file beside the .onnx (auto: from 100 MiB of "
+                      "weights, where ONNX Runtime maps them instead of copying; always over "
+                      "2 GiB)")(fn)
     fn = click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]),
                       default="dynamo", show_default=True,
                       help="torch.onnx exporter: torch.export-based (dynamo), or the "
@@ -43,7 +48,8 @@ def default_out(source: Path, name: str) -> Path:
 
 
 def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float | None,
-               exporter: str = "dynamo", scheduler: Path | None = None) -> Path:
+               exporter: str = "dynamo", scheduler: Path | None = None,
+               external_data: str = "auto") -> Path:
     """Export a checkpoint or a diffusers folder and print the verification; one-line
     errors become click errors, and warnings one line each on stderr."""
     from export.onnx_export import (
@@ -68,11 +74,12 @@ def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float 
             warnings.simplefilter("always", FutureWarning)
             if folder:
                 path, record, check = export_diffusers(checkpoint, out, scheduler=scheduler,
-                                                       tolerance=tolerance, exporter=exporter)
+                                                       tolerance=tolerance, exporter=exporter,
+                                                       external_data=external_data)
             else:
                 path, record, check = export_checkpoint(
                     checkpoint, out, weights="raw" if raw_weights else "ema",
-                    tolerance=tolerance, exporter=exporter)
+                    tolerance=tolerance, exporter=exporter, external_data=external_data)
     except (CheckpointError, ExportError, ValueError) as err:
         raise click.ClickException(one_line(err)) from None
     finally:
@@ -92,11 +99,11 @@ def run_export(checkpoint: Path, out: Path, raw_weights: bool, tolerance: float 
               "the diffusers folder)")
 @export_options
 def main(checkpoint: Path, out: Path | None, raw_weights: bool, scheduler: Path | None,
-         tolerance: float | None, exporter: str):
+         tolerance: float | None, exporter: str, external_data: str):
     """Export CHECKPOINT's network (or a diffusers DDPM FOLDER's) to ONNX, with the metadata
     the runtime needs, and verify it against PyTorch in ONNX Runtime."""
     run_export(checkpoint, out or default_out(checkpoint, "model.onnx"), raw_weights,
-               tolerance, exporter, scheduler)
+               tolerance, exporter, scheduler, external_data)
 
 
 if __name__ == "__main__":

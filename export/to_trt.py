@@ -43,7 +43,8 @@ EXIT_NO_TENSORRT = 3  # distinct from click's usage errors (2) and export failur
 @export_options
 def main(source: Path, out: Path | None, precision: str | None, min_batch: int, opt_batch: int,
          max_batch: int, workspace: float | None, timing_cache: Path | None, device_id: int,
-         raw_weights: bool, scheduler: Path | None, tolerance: float | None, exporter: str):
+         raw_weights: bool, scheduler: Path | None, tolerance: float | None, exporter: str,
+         external_data: str):
     """Build a TensorRT engine from SOURCE: a checkpoint or a diffusers DDPM folder (exported
     to ONNX first), or an ONNX file written by export/to_onnx.py."""
     precision = precision or "fp32"
@@ -68,7 +69,8 @@ def main(source: Path, out: Path | None, precision: str | None, min_batch: int, 
         check_output(timing_cache, inputs=[source, onnx_path, out, sidecar_path(out)],
                      option="--timing-cache")
     if not from_onnx:
-        run_export(source, onnx_path, raw_weights, tolerance, exporter, scheduler)
+        run_export(source, onnx_path, raw_weights, tolerance, exporter, scheduler,
+                   external_data)
 
     from export.trt_build import build_engine, verify_engine
     from runtime.backends.ort import read_record

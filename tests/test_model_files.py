@@ -84,3 +84,58 @@ def test_bad_external_data_is_one_line_naming_the_file(tiny_onnx, tmp_path):
     garbage.write_bytes(b"\xff" * 64)
     with pytest.raises(ModelFileError, match="malformed"):
         backends.model_files(garbage)
+
+
+def test_export_writes_external_data_atomically_and_replaces_its_own(tiny_model, tiny_onnx,
+                                                                    tmp_path):
+    """--external-data yes: model.onnx plus one data file named by its weights' SHA-256;
+    the same images as the one-file export; a second export of other weights commits by the
+    model file's rename and removes the data the first wrote; a failed verification leaves
+    the model and its data as they were."""
+    import torch
+
+    from export.onnx_export import ExportError, write_verified
+    from runtime.backends.ort import read_record
+
+    record = read_record(tiny_onnx)
+    out = tmp_path / "model.onnx"
+    write_verified(tiny_model, record, out, tolerance=2e-5, batch_sizes=(1,),
+                   exporter="dynamo", external_data="yes")
+    (first,) = external_data_names(out)
+    assert first.startswith("model.") and first.endswith(".onnx.data")
+    assert sha256_file(tmp_path / first).startswith(first.split(".")[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", first])
+    with runtime.load(out) as a, runtime.load(tiny_onnx) as b:
+        np.testing.assert_array_equal(a.sample(2, 1, steps=4, progress=False),
+                                      b.sample(2, 1, steps=4, progress=False))
+
+    other = type(tiny_model)(tiny_model.config)
+    other.load_state_dict(tiny_model.state_dict())
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    write_verified(other, record, out, tolerance=2e-5, batch_sizes=(1,), exporter="dynamo",
+                   external_data="yes")
+    (second,) = external_data_names(out)
+    assert second != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", second])
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ExportError, match="unverified"):
+        write_verified(tiny_model, record, out, tolerance=0.0, batch_sizes=(1,),
+                       exporter="dynamo", external_data="yes")
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before  # untouched
+    assert (tmp_path / "model.unverified.onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_small_networks_stay_one_file_unless_asked(tiny_model, tiny_onnx, tmp_path):
+    from export.onnx_export import write_verified
+    from runtime.backends.ort import read_record
+
+    record = read_record(tiny_onnx)
+    write_verified(tiny_model, record, tmp_path / "m.onnx", tolerance=2e-5, batch_sizes=(1,),
+                   exporter="dynamo")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    with pytest.raises(ValueError, match="external_data must be one of"):
+        write_verified(tiny_model, record, tmp_path / "n.onnx", tolerance=2e-5,
+                       batch_sizes=(1,), exporter="dynamo", external_data="maybe")

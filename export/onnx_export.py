@@ -437,6 +437,10 @@ def _write_external(model: torch.nn.Module, proto, out_path: Path, *, tolerance:
                 digest.update(chunk)
         name = data_file_name(out_path, digest.hexdigest())
         os.rename(folder / "weights.data", folder / name)
+        # onnx writes it owner-only; it is as readable as the model file that names it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(folder / name, 0o666 & ~umask)
         for tensor in proto.graph.initializer:  # save_model left them naming the file
             for entry in tensor.external_data:
                 if entry.key == "location":

@@ -105,6 +105,7 @@ def test_export_writes_external_data_atomically_and_replaces_its_own(tiny_model,
     assert first.startswith("model.") and first.endswith(".onnx.data")
     assert sha256_file(tmp_path / first).startswith(first.split(".")[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.onnx", first])
+    assert (tmp_path / first).stat().st_mode & 0o777 == out.stat().st_mode & 0o777
     with runtime.load(out) as a, runtime.load(tiny_onnx) as b:
         np.testing.assert_array_equal(a.sample(2, 1, steps=4, progress=False),
                                       b.sample(2, 1, steps=4, progress=False))

@@ -396,14 +396,20 @@ def test_close_while_another_thread_samples_lets_that_call_finish(tiny_onnx):
 @pytest.mark.slow  # an export
 def test_a_network_of_large_operators_threads_them_with_the_same_eps(tiny_model, tmp_path):
     """A record claiming >= WIDE_MIN_FLOPS per image: one session whose operators take the
-    threads (no shards, one copy of the weights), and the same eps as one thread."""
-    from runtime.backends.ort import WIDE_MIN_FLOPS, OrtBackend
+    threads (no shards, one copy of the weights), and the same eps as one thread; a batch
+    over HEAVY_CALL_FLOPS runs in slices, each row's eps what it is alone."""
+    from runtime.backends.ort import HEAVY_CALL_FLOPS, WIDE_MIN_FLOPS, OrtBackend
     from tests.conftest import export_model
 
+    assert HEAVY_CALL_FLOPS / 2 >= WIDE_MIN_FLOPS
     heavy = export_model(tiny_model, tmp_path / "heavy.onnx",
-                         flops_per_image=int(WIDE_MIN_FLOPS))
-    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8), dtype=np.float32)
-    t = np.array([0, 500, 999], np.float32)
+                         flops_per_image=int(HEAVY_CALL_FLOPS / 2))
+    x = np.random.default_rng(0).standard_normal((5, 1, 8, 8), dtype=np.float32)
+    t = np.array([0, 250, 500, 750, 999], np.float32)
     with OrtBackend(heavy, threads=2) as wide, OrtBackend(heavy, threads=1) as one:
         assert wide._heavy and dict(wide.describe())["threads"].startswith("2 (on each")
-        np.testing.assert_allclose(wide(x, t), one(x, t), rtol=0, atol=1e-6)
+        assert wide._heavy_rows == 2  # slices of 2, 2 and 1 rows
+        got = wide(x, t)
+        np.testing.assert_allclose(got, one(x, t), rtol=0, atol=1e-6)
+        alone = np.concatenate([wide(x[i:i + 1], t[i:i + 1]) for i in range(5)])
+        np.testing.assert_array_equal(got, alone)

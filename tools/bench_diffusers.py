@@ -141,7 +141,9 @@ def main(folder, onnx, batches, threads, calls, rounds, out, worker_args):
                     f"{rt['sample_s'] / batch:.2f} | "
                     f"{df['sample_s'] / batch:.2f} | {df['sample_s'] / rt['sample_s']:.2f}x | "
                     f"{rt['peak_rss_mib']:.0f} | {df['peak_rss_mib']:.0f} |")
-    size_mb = onnx.stat().st_size / 2**20
+    from runtime.backends import model_files
+
+    size_mb = sum(p.stat().st_size for p in model_files(onnx)) / 2**20  # with its weights
     table = "\n".join([
         f"{folder.name}: runtime (ONNX Runtime, {onnx.name}, {size_mb:.0f} MiB) against "
         f"diffusers (torch eager), {threads} threads, {cpu_name()}, medians of {rounds} "

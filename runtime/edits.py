@@ -157,10 +157,12 @@ class Inpaint(Edit):
     name = "inpaint"
     summary = "RePaint: sample the pixels the mask does not keep, with resampling"
     takes_mask = True
+    # Bounded: the calls grow as resamples x steps, and the walk is a list of them.
     options = (
-        Option("jump_length", int, 10, "steps gone back by each resampling jump", low=1),
+        Option("jump_length", int, 10, "steps gone back by each resampling jump", low=1,
+               high=1000),
         Option("resamples", int, 10, "times each stretch of jump_length steps is run "
-               "(1: no resampling)", low=1),
+               "(1: no resampling)", low=1, high=100),
     )
 
     def __init__(self, images, *, mask=None, **params):
@@ -183,7 +185,12 @@ class Inpaint(Edit):
         return repaint_plan(num_steps, self.params["jump_length"], self.params["resamples"])
 
     def calls(self, schedule, record):
-        return len(forward_steps(self.plan(schedule.num_timesteps)))
+        """Without building the walk: every step once, and each of the jumps
+        (one per jump_length steps below the top stretch) repeats jump_length steps
+        resamples - 1 more times."""
+        n, jump, resamples = (schedule.num_timesteps, self.params["jump_length"],
+                              self.params["resamples"])
+        return n + (resamples - 1) * jump * len(range(0, n - jump, jump))
 
     def make_run(self, schedule, options, lo, hi, noise, record, *, keep_x0=False):
         keep = self.mask if self.mask.shape[0] == 1 else self.mask[lo:hi]

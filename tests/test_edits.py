@@ -379,3 +379,18 @@ def test_scheduled_edits_equal_the_library_and_strength_0_takes_no_call():
     for job, expected in zip(jobs, want, strict=True):
         np.testing.assert_array_equal(job.result(timeout=0), expected)
     assert jobs[0].steps_total == 3 * inpaint.calls(opts.respace(pipe.schedule), pipe.record)
+
+
+def test_inpainting_calls_in_closed_form_match_the_walk_and_are_bounded():
+    from runtime.edits import forward_steps
+
+    pipe = pipeline()
+    for steps, jump, resamples in [(50, 5, 3), (40, 10, 1), (10, 10, 4), (7, 3, 5), (100, 1, 2)]:
+        edit = pipe.make_edit("inpaint", digits(1), mask=lower_half_unknown(),
+                              options={"jump_length": jump, "resamples": resamples})
+        schedule = pipe.schedule.respaced(steps)
+        assert edit.calls(schedule, pipe.record) == len(forward_steps(
+            repaint_plan(steps, jump, resamples)))
+    with pytest.raises(OptionError, match="resamples must be an integer in"):
+        pipe.make_edit("inpaint", digits(1), mask=lower_half_unknown(),
+                       options={"resamples": 10**9})

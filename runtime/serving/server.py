@@ -354,11 +354,10 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
             loop.call_soon_threadsafe(publish)
 
         def on_preview(job, lo, x0):
+            # A copy, handed over: the PNG is made off the scheduler's thread.
             event = {"steps_done": job.steps_done, "steps_total": job.steps_total,
-                     "first_image": lo, "images": len(x0),
-                     "png": base64.b64encode(png_bytes(make_grid(
-                         to_uint8(x0, data_range)))).decode()}
-            loop.call_soon_threadsafe(progress["previews"].append, event)
+                     "first_image": lo, "images": len(x0)}
+            loop.call_soon_threadsafe(progress["previews"].append, (event, x0.copy()))
             loop.call_soon_threadsafe(progress["event"].set)
 
         progress["previews"] = []
@@ -407,9 +406,9 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
                 if total and not finished.done():
                     yield _sse("progress", {"steps_done": done, "steps_total": total})
                 while progress["previews"]:
-                    yield _sse("preview", progress["previews"].pop(0))
+                    yield _sse("preview", await preview(*progress["previews"].pop(0)))
             while progress["previews"]:  # the last step's: queued before the end was
-                yield _sse("preview", progress["previews"].pop(0))
+                yield _sse("preview", await preview(*progress["previews"].pop(0)))
             outcome = await _outcome(job, fmt, echo, latency, data_range, state["draining"])
             if isinstance(outcome, Response):
                 yield _sse("error", json.loads(outcome.body) | {"status": outcome.status_code})
@@ -419,6 +418,10 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
                                              "data": base64.b64encode(body).decode()})
         finally:
             job.cancel()  # a no-op once done; on a disconnect it frees the rows
+
+    async def preview(event: dict, x0: np.ndarray) -> dict:
+        png = await asyncio.to_thread(lambda: png_bytes(make_grid(to_uint8(x0, data_range))))
+        return event | {"png": base64.b64encode(png).decode()}
 
     async def cancel(request: Request) -> Response:
         job_id = request.path_params["job_id"]

@@ -149,8 +149,8 @@ class Pipeline:
         """The checked :class:`~runtime.edits.Edit` (images as uint8 pixels, see
         :meth:`edit_float`); ``options`` may hold sampling options too (left alone here)."""
         cls = edit_class(kind)
-        if n is not None:
-            N.check(n)
+        if n is not None:  # before one image is repeated n times
+            self._check_request(n, 0, BYTES_PER_VALUE_FLOAT)
         pixels = broadcast_images(images_from_uint8(images, self.image_shape,
                                                     self.record.data_range), n)
         keep = None if mask is None else mask_from_array(mask, self.image_shape)

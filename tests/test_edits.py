@@ -236,6 +236,7 @@ def test_previews_are_the_predicted_x0_and_end_at_the_image(sampler):
     (np.zeros((16, 16, 1), np.uint8), None, {}, "16x16 pixels but the model takes 8x8"),
     (np.zeros((8, 8, 1), np.float32), None, {}, "must be uint8"),
     (np.zeros((2, 8, 8, 1), np.uint8), None, {"n": 3}, "n is 3 but 2 images"),
+    (np.zeros((8, 8, 1), np.uint8), None, {"n": 10**15}, "more than the"),
     (np.zeros((8, 8, 1), np.uint8), None, {"strength": 1.5}, "strength must be in"),
     (np.zeros((8, 8, 1), np.uint8), np.full((8, 8), 7), {}, "not binary"),
     (np.zeros((8, 8, 1), np.uint8), np.ones((8, 8)), {}, "nothing to inpaint"),

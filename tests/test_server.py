@@ -537,6 +537,7 @@ def test_bad_edit_requests_name_the_field(server, local):
         ("img2img", {"image": ok, "mask": ok}, 400, None),
         ("img2img", {"image": [ok] * 17}, 422, "image"),
         ("img2img", {"image": [ok, ok], "n": 3}, 422, "n"),
+        ("img2img", {"image": ok, "n": 10**12}, 422, "n"),
         ("inpaint", {"image": ok}, 400, "mask"),
         ("inpaint", {"image": ok, "mask": _png_b64(grey)}, 422, "mask"),
         ("inpaint", {"image": ok, "mask": _png_b64(np.full((8, 8, 1), 255, np.uint8))}, 422,

@@ -184,6 +184,9 @@ def parse_edit(kind: str, body: dict, scheduler: BatchScheduler) -> dict:
         pngs = body["image"] if isinstance(body["image"], list) else [body["image"]]
         if not 1 <= len(pngs) <= scheduler.max_n:
             raise OptionError("image", f"give 1 to {scheduler.max_n} images, got {len(pngs)}")
+        if n_given and req["n"] > scheduler.max_n:  # before one image is repeated n times
+            raise OptionError("n", f"n must be at most {scheduler.max_n} on this server, got "
+                              f"{show_value(req['n'])}; split the request")
         pixels = np.stack([decode_png(p, shape, "image") for p in pngs])
         images = broadcast_images(images_from_uint8(pixels, shape, data_range),
                                   req["n"] if n_given else None)

@@ -22,7 +22,7 @@ from .cli import (
     _write_images,
     main,
 )
-from .edits import EDITS, mask_from_array
+from .edits import EDITS, images_from_uint8, mask_from_array
 from .images import to_uint8
 from .options import SEED, click_options, flag
 from .schedule import SPACINGS
@@ -63,9 +63,14 @@ def _request(fn):
 
 
 def _read(path: Path, pipe, name: str, *, mask: bool = False) -> np.ndarray:
+    """The file's images, checked here so that every message names the file."""
     from .images import read_image_file
 
-    return read_image_file(path, pipe.image_shape, name, mask=mask)
+    images = read_image_file(path, pipe.image_shape, name, mask=mask)
+    if not mask:
+        images_from_uint8(images, pipe.image_shape, pipe.record.data_range,
+                          name=f"{name} {path}")
+    return images
 
 
 def _edit(kind: str, model, image, mask, n, seed, batch_size, out, npz, each, progress,

@@ -45,15 +45,16 @@ def _int_list(text: str, what: str = "step counts", minimum: int = 1) -> tuple[i
     return _number_list(text, what, minimum)
 
 
-def _number_list(text: str, what: str, minimum, maximum=None, kind=int) -> tuple:
+def _number_list(text: str, what: str, minimum, maximum=None, kind=int, hint=None) -> tuple:
     try:
         values = tuple(kind(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated {what}, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated {what}, got {text!r}",
+                                 param_hint=hint) from None
     if not values or any(not minimum <= v <= (math.inf if maximum is None else maximum)
                          for v in values):
         bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        raise click.BadParameter(f"{what} must be {bounds}, got {text!r}")
+        raise click.BadParameter(f"{what} must be {bounds}, got {text!r}", param_hint=hint)
     return values
 
 
@@ -344,12 +345,13 @@ def _write_report(out: Path, name: str, result: dict, md: str, plotter) -> None:
 def inpaint_cmd(model, batch_size, threads, progress, n, seed, refs, out, steps, sampler,
                 resamples, jump_length, masks):
     """RePaint on held-out digits: original label kept, FD, against the noise-filled input."""
-    resamples = _number_list(resamples, "resample counts", 1)
+    resamples = _number_list(resamples, "resample counts", 1, hint="--resamples")
     masks = tuple(m.strip() for m in masks.split(",") if m.strip())
     if not masks or set(masks) - set(edits.MASKS):
         raise click.BadParameter(f"masks must be of {', '.join(edits.MASKS)}, got {masks}",
                                  param_hint="--masks")
-    _check_outputs(out, ["inpaint.json", "inpaint.md", "inpaint.png"], model)
+    _check_outputs(out, ["inpaint.json", "inpaint.md", "inpaint.png",
+                         *(f"inpaint-examples-{m}.png" for m in masks)], model)
     with _open(model, threads) as pipe:
         ev = _edit_evaluator(pipe, n, refs)
         result = _as_click(edits.inpaint_sweep, pipe, ev, masks=masks, resamples=resamples,
@@ -368,8 +370,9 @@ def inpaint_cmd(model, batch_size, threads, progress, n, seed, refs, out, steps,
 def img2img_cmd(model, batch_size, threads, progress, n, seed, refs, out, steps, sampler,
                 strengths):
     """SDEdit on held-out digits: RMSE to the input and the classifier's view per strength."""
-    strengths = _number_list(strengths, "strengths", 0.0, 1.0, kind=float)
-    _check_outputs(out, ["img2img.json", "img2img.md", "img2img.png"], model)
+    strengths = _number_list(strengths, "strengths", 0.0, 1.0, kind=float, hint="--strengths")
+    _check_outputs(out, ["img2img.json", "img2img.md", "img2img.png", "img2img-examples.png"],
+                   model)
     with _open(model, threads) as pipe:
         ev = _edit_evaluator(pipe, n, refs)
         result = _as_click(edits.img2img_sweep, pipe, ev, strengths=strengths, steps=steps,

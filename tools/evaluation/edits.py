@@ -101,10 +101,15 @@ def inpaint_sweep(pipe, ev, *, masks, resamples, jump_length: int, steps: int, s
     of resamples, with its network calls per image and wall time."""
     from runtime.edits import forward_steps, repaint_plan
     from runtime.images import save_grid
+    from runtime.options import SampleOptions
 
     inputs, labels = held_out_inputs(ev)
     pixels = _uint8(pipe, inputs)
     n, shape = len(inputs), pipe.image_shape
+    options = SampleOptions.make(sampler, steps)
+    for r in resamples:  # refuse what the runtime would refuse before anything runs
+        pipe.make_edit("inpaint", pixels[:1], mask=make_mask(masks[0], 1, shape, seed),
+                       options={"jump_length": jump_length, "resamples": r}).check(options)
     result = {"n": n, "steps": steps, "jump_length": jump_length, "sampler": sampler,
               "seed": seed, "real": scores(ev, inputs, labels), "masks": {}}
     for kind in masks:
@@ -130,8 +135,8 @@ def inpaint_sweep(pipe, ev, *, masks, resamples, jump_length: int, steps: int, s
             "noise_filled": scores(ev, filled, labels, inputs, unknown),
             "rows": rows, "plateau": plateau(rows)}
         if examples is not None:  # rows: input, noise-filled, then each resample count
-            save_grid(np.concatenate([g[:12] for g in grid]), examples / f"inpaint-{kind}.png",
-                      ncol=12)
+            save_grid(np.concatenate([g[:12] for g in grid]),
+                      examples / f"inpaint-examples-{kind}.png", ncol=12)
     return result
 
 
@@ -171,7 +176,8 @@ def img2img_sweep(pipe, ev, *, strengths, steps: int, sampler: str, seed: int,
                    f"share {row['label_share']:.3f}, confidence {row['confidence']:.3f}",
                    err=True)
     if examples is not None:  # rows: the input, then each strength
-        save_grid(np.concatenate([g[:12] for g in grid]), examples / "img2img.png", ncol=12)
+        save_grid(np.concatenate([g[:12] for g in grid]), examples / "img2img-examples.png",
+                  ncol=12)
     return {"n": len(inputs), "steps": steps, "sampler": sampler, "seed": seed,
             "real": scores(ev, inputs, labels), "rows": rows}
 

@@ -148,7 +148,10 @@ def plateau(rows: list[dict]) -> dict:
     best_fd = min(r["fd"] for r in rows)
     ok = [r for r in rows if r["label_share"] >= floor and r["fd"] <= WITHIN_FD * best_fd]
     first = min(ok, key=lambda r: r["calls_per_image"])
+    # The sweep's largest count: it may still be improving past the sweep.
+    largest = first["calls_per_image"] == max(r["calls_per_image"] for r in rows)
     return {"resamples": first["resamples"], "calls_per_image": first["calls_per_image"],
+            "at_largest": largest,
             "rule": f"fewest resamples with label share >= best - {WITHIN_SE:g} SE of the best "
                     f"and FD <= {WITHIN_FD:g} x the best FD of the sweep"}
 
@@ -178,8 +181,10 @@ def img2img_sweep(pipe, ev, *, strengths, steps: int, sampler: str, seed: int,
     if examples is not None:  # rows: the input, then each strength
         save_grid(np.concatenate([g[:12] for g in grid]), examples / "img2img-examples.png",
                   ncol=12)
+    # Where "moved all the way" lies: each input against an unrelated real digit.
+    unrelated = rmse_255(inputs, ev.pool[ev.splits[0][1]], ev.data_range)
     return {"n": len(inputs), "steps": steps, "sampler": sampler, "seed": seed,
-            "real": scores(ev, inputs, labels), "rows": rows}
+            "real": scores(ev, inputs, labels), "rows": rows, "unrelated_rmse_255": unrelated}
 
 
 # === Reports ===
@@ -208,9 +213,13 @@ def inpaint_markdown(r: dict, baselines: dict) -> str:
     lines.append("")
     for kind, m in r["masks"].items():
         p = m["plateau"]
-        lines.append(f"{kind} ({100 * m['unknown_share']:.0f}% of the pixels filled): stops "
-                     f"improving at {p['resamples']} resample(s), {p['calls_per_image']} network "
-                     f"calls per image ({p['rule']}).")
+        where = (f"not settled within the sweep: only its largest count, {p['resamples']} "
+                 f"resamples ({p['calls_per_image']} network calls per image), meets the rule"
+                 if p["at_largest"] else
+                 f"stops improving at {p['resamples']} resample(s), {p['calls_per_image']} "
+                 "network calls per image")
+        lines.append(f"{kind} ({100 * m['unknown_share']:.0f}% of the pixels filled): {where} "
+                     f"({p['rule']}).")
     lines.append(_fd_note(baselines))
     return "\n".join(lines) + "\n"
 
@@ -228,7 +237,8 @@ def img2img_markdown(r: dict, baselines: dict) -> str:
         lines.append(f"| {row['strength']:g} | {row['calls_per_image']} | {row['rmse_255']:.1f} | "
                      f"{_pct(row)} | {row['label_prob']:.3f} | {row['confidence']:.3f} | "
                      f"{row['fd']:.3f} | {row['seconds']:.0f} |")
-    lines += ["", _fd_note(baselines)]
+    lines += ["", f"RMSE of each input to an unrelated real digit (the first reference set, "
+              f"paired in order): {r['unrelated_rmse_255']:.1f}. " + _fd_note(baselines)]
     return "\n".join(lines) + "\n"
 
 
@@ -278,6 +288,9 @@ def plot_img2img(r: dict, path: Path) -> Path:
     s = [0.0] + [x["strength"] for x in r["rows"]]
     real = r["real"]
     axes[0].plot(s, [0.0] + [x["rmse_255"] for x in r["rows"]], marker="o")
+    axes[0].axhline(r["unrelated_rmse_255"], color="0.5", linestyle=":", linewidth=1,
+                    label="an unrelated real digit")
+    axes[0].legend(fontsize=7)
     axes[0].set(title="how far the images move", xlabel="strength",
                 ylabel="RMSE to the input (0-255)")
     for key, label in (("label_share", "share keeping the original label"),

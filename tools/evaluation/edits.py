@@ -252,8 +252,8 @@ def _fd_note(b: dict) -> str:
 
 
 def plot_inpaint(r: dict, path: Path) -> Path:
-    """Label share and FD against network calls per image, one line per mask, with the
-    real digits and each mask's noise-filled input as horizontal lines."""
+    """Label share (± its standard error) and FD against network calls per image, one line
+    per mask, with the real digits and each mask's noise-filled input as horizontal lines."""
     fig, axes = new_figure(2, "inpaint")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -264,8 +264,10 @@ def plot_inpaint(r: dict, path: Path) -> Path:
                    label="real digits")
         for kind, m in r["masks"].items():
             rows = m["rows"]
-            ax.plot([x["calls_per_image"] for x in rows], [x[key] for x in rows], marker="o",
-                    color=colours[kind], label=f"{kind}: RePaint")
+            spread = [x["label_share_se"] for x in rows] if key == "label_share" else None
+            ax.errorbar([x["calls_per_image"] for x in rows], [x[key] for x in rows],
+                        yerr=spread, marker="o", capsize=3, color=colours[kind],
+                        label=f"{kind}: RePaint")
             for x in rows:
                 ax.annotate(f"r={x['resamples']}", (x["calls_per_image"], x[key]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
@@ -279,6 +281,7 @@ def plot_inpaint(r: dict, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylim(0, 1.02)
+    axes[1].set_yscale("log")  # the noise-filled inputs' FD is 10-20x the rest
     return save_figure(fig, path)
 
 

@@ -104,3 +104,16 @@ def test_img2img_moves_nothing_at_strength_zero_and_more_with_strength(evaluator
     assert first["label_share"] == r["real"]["label_share"]
     assert 0 < mid["rmse_255"] < last["rmse_255"]
     assert (mid["calls_per_image"], last["calls_per_image"]) == (30, 90)
+
+
+def test_the_plateau_is_where_no_larger_count_does_better():
+    def row(r, share, fd):
+        return {"resamples": r, "calls_per_image": 10 * r, "label_share": share,
+                "label_share_se": 0.02, "fd": fd}
+
+    # Within noise after 5 resamples, though 10 has the best share and 5 the best FD.
+    assert edits.plateau([row(1, 0.60, 3.3), row(2, 0.64, 3.2), row(5, 0.73, 2.75),
+                          row(10, 0.745, 3.09)])["resamples"] == 5
+    still = edits.plateau([row(1, 0.80, 5.0), row(5, 0.85, 5.0), row(10, 0.90, 5.0)])
+    assert still["resamples"] == 10 and still["at_largest"]
+    assert not edits.plateau([row(1, 0.9, 5.0), row(2, 0.9, 5.0)])["at_largest"]

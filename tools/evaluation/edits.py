@@ -21,8 +21,8 @@ from .reports import new_figure, save_figure
 
 MASKS = ("lower-half", "random-40")
 RANDOM_UNKNOWN = 0.4     # share of pixels the random mask leaves to be filled
-WITHIN_SE = 1.0          # "stopped improving": within this many standard errors of the best
-WITHIN_FD = 1.1          # ... and FD within this factor of the best
+WITHIN_SE = 1.0          # "stopped improving": nothing later better by this many standard errors
+WITHIN_FD = 1.1          # ... or by this factor in FD
 
 
 def held_out_inputs(ev) -> tuple[np.ndarray, np.ndarray]:
@@ -141,19 +141,22 @@ def inpaint_sweep(pipe, ev, *, masks, resamples, jump_length: int, steps: int, s
 
 
 def plateau(rows: list[dict]) -> dict:
-    """The fewest resamples whose label share is within WITHIN_SE standard errors of the
-    sweep's best and whose FD is within WITHIN_FD of the best: where it stops improving."""
-    best = max(rows, key=lambda r: r["label_share"])
-    floor = best["label_share"] - WITHIN_SE * best["label_share_se"]
-    best_fd = min(r["fd"] for r in rows)
-    ok = [r for r in rows if r["label_share"] >= floor and r["fd"] <= WITHIN_FD * best_fd]
-    first = min(ok, key=lambda r: r["calls_per_image"])
-    # The sweep's largest count: it may still be improving past the sweep.
-    largest = first["calls_per_image"] == max(r["calls_per_image"] for r in rows)
+    """Where it stops improving: the fewest resamples that no larger count beats by more
+    than WITHIN_SE of its label share's standard errors, nor by more than a factor WITHIN_FD
+    in FD. The sweep's largest count always qualifies (nothing beats it), so a sweep that
+    never settles says so with ``at_largest``."""
+    rows = sorted(rows, key=lambda r: r["calls_per_image"])
+
+    def settled(k):
+        r = rows[k]
+        return all(later["label_share"] <= r["label_share"] + WITHIN_SE * r["label_share_se"]
+                   and later["fd"] * WITHIN_FD >= r["fd"] for later in rows[k + 1:])
+
+    first = rows[next(k for k in range(len(rows)) if settled(k))]
     return {"resamples": first["resamples"], "calls_per_image": first["calls_per_image"],
-            "at_largest": largest,
-            "rule": f"fewest resamples with label share >= best - {WITHIN_SE:g} SE of the best "
-                    f"and FD <= {WITHIN_FD:g} x the best FD of the sweep"}
+            "at_largest": first is rows[-1],
+            "rule": f"fewest resamples that no larger count beats by more than {WITHIN_SE:g} "
+                    f"standard error in label share or by a factor {WITHIN_FD:g} in FD"}
 
 
 def img2img_sweep(pipe, ev, *, strengths, steps: int, sampler: str, seed: int,

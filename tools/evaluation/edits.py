@@ -216,9 +216,9 @@ def inpaint_markdown(r: dict, baselines: dict) -> str:
     lines.append("")
     for kind, m in r["masks"].items():
         p = m["plateau"]
-        where = (f"not settled within the sweep: only its largest count, {p['resamples']} "
-                 f"resamples ({p['calls_per_image']} network calls per image), meets the rule"
-                 if p["at_largest"] else
+        where = (f"not settled within the sweep: a larger count beats each smaller one, up to "
+                 f"the largest swept, {p['resamples']} resamples ({p['calls_per_image']} network "
+                 "calls per image)" if p["at_largest"] else
                  f"stops improving at {p['resamples']} resample(s), {p['calls_per_image']} "
                  "network calls per image")
         lines.append(f"{kind} ({100 * m['unknown_share']:.0f}% of the pixels filled): {where} "

@@ -19,16 +19,18 @@ needs_server = pytest.mark.skipif(
     reason="the server extra is not installed (pip install .[serve])")
 
 
+def _tool(name: str, *args) -> None:
+    run = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
 @needs_server
 def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
     out = tmp_path / "lt"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "loadtest.py"), str(tiny_onnx),
-         "--saturation", "12", "--duration", "1.5", "--steps-scale", "0.02", "--clients", "4",
-         "--cancel", "0.3", "--threads", "1", "--max-batch", "16", "--drain", "60",
-         "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert run.returncode == 0, run.stderr
+    _tool("loadtest.py", tiny_onnx, "--saturation", "12", "--duration", "1.5", "--steps-scale",
+          "0.02", "--clients", "4", "--cancel", "0.3", "--threads", "1", "--max-batch", "16",
+          "--drain", "60", "--out", out)
     report = json.loads((out / "loadtest.json").read_text())
     assert set(report["summary"]) == {"batching", "serial"}
     for mode, s in report["summary"].items():
@@ -60,12 +62,8 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
 @needs_server
 def test_edits_mixed_with_sampling_count_their_network_calls(tiny_onnx, tmp_path):
     out = tmp_path / "lte"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "loadtest_edits.py"), str(tiny_onnx),
-         "--count", "12", "--clients", "4", "--threads", "1", "--max-batch", "16",
-         "--steps-scale", "0.2", "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert run.returncode == 0, run.stderr
+    _tool("loadtest_edits.py", tiny_onnx, "--count", "12", "--clients", "4", "--threads", "1",
+          "--max-batch", "16", "--steps-scale", "0.2", "--out", out)
     report = json.loads((out / "loadtest-edits.json").read_text())
     rows = {(r["kind"], r["mode"]): r for r in report["rows"]}
     assert len(rows) == 4 and report["errors"] == 0

@@ -191,7 +191,7 @@ def test_ddim_inversion_round_trip_tightens_with_the_steps():
         target = images.transpose(0, 3, 1, 2) / 127.5 - 1
         errors.append(np.abs(back - target).max())
     assert errors[0] > errors[1] > errors[2]
-    assert errors[1] < 0.05  # the stated tolerance: docs/design.md, at 100 steps
+    assert errors[1] < 0.05  # the stated tolerance: docs/editing.md, at 100 steps
     # For Gaussian data the probability-flow ODE is affine: x_T = sqrt(ab) MU +
     # sqrt(ab SD^2 + 1 - ab) (x_0 - MU) / SD, the exact latent the inversion approximates.
     ab = pipe.schedule.alphas_cumprod[-1]

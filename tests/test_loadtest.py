@@ -1,4 +1,5 @@
-"""tools/loadtest.py end to end: a seconds-long smoke run against real localhost servers."""
+"""tools/loadtest.py and tools/loadtest_edits.py end to end: seconds-long smoke runs against
+real localhost servers."""
 
 from __future__ import annotations
 
@@ -13,18 +14,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None
-                        for m in ("starlette", "uvicorn", "prometheus_client")),
-                    reason="the server extra is not installed (pip install .[serve])")
+needs_server = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("starlette", "uvicorn", "prometheus_client")),
+    reason="the server extra is not installed (pip install .[serve])")
+
+
+def _tool(name: str, *args) -> None:
+    run = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr
+
+
+@needs_server
 def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
     out = tmp_path / "lt"
-    run = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "loadtest.py"), str(tiny_onnx),
-         "--saturation", "12", "--duration", "1.5", "--steps-scale", "0.02", "--clients", "4",
-         "--cancel", "0.3", "--threads", "1", "--max-batch", "16", "--drain", "60",
-         "--out", str(out)],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert run.returncode == 0, run.stderr
+    _tool("loadtest.py", tiny_onnx, "--saturation", "12", "--duration", "1.5", "--steps-scale",
+          "0.02", "--clients", "4", "--cancel", "0.3", "--threads", "1", "--max-batch", "16",
+          "--drain", "60", "--out", out)
     report = json.loads((out / "loadtest.json").read_text())
     assert set(report["summary"]) == {"batching", "serial"}
     for mode, s in report["summary"].items():
@@ -51,3 +57,22 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
     again = subprocess.run([sys.executable, str(REPO / "tools" / "loadtest.py"), str(tiny_onnx),
                             "--out", str(tiny_onnx)], capture_output=True, text=True, cwd=REPO)
     assert again.returncode != 0 and "Traceback" not in again.stderr
+
+
+@needs_server
+def test_edits_mixed_with_sampling_count_their_network_calls(tiny_onnx, tmp_path):
+    out = tmp_path / "lte"
+    _tool("loadtest_edits.py", tiny_onnx, "--count", "12", "--clients", "4", "--threads", "1",
+          "--max-batch", "16", "--steps-scale", "0.2", "--out", out)
+    report = json.loads((out / "loadtest-edits.json").read_text())
+    rows = {(r["kind"], r["mode"]): r for r in report["rows"]}
+    assert len(rows) == 4 and report["errors"] == 0
+    for r in rows.values():
+        assert r["exit_code"] == 0 and r["requests"] == r["count"]
+    # One request at a time, each request's images in one call: the server makes exactly
+    # the calls the runtime counts per request, edits included.
+    serial = rows["mixed", "serial"]
+    assert serial["network_calls"] == serial["calls_if_alone"] > 0
+    assert rows["mixed", "batching"]["calls_if_alone"] == serial["calls_if_alone"]
+    assert rows["mixed", "batching"]["network_calls"] <= serial["network_calls"]
+    assert "| mixed | serial |" in (out / "loadtest-edits.md").read_text()

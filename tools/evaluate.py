@@ -5,6 +5,11 @@
     python tools/evaluate.py nll MODEL.onnx --nll-images 300 # bits/dim, the variational bound
     python tools/evaluate.py steps MODEL.onnx --out DIR      # FD and images/s per sampler and NFE
     python tools/evaluate.py all MODEL.onnx --out DIR        # all of the above, one report
+    python tools/evaluate.py inpaint MODEL.onnx --out DIR    # RePaint on held-out digits
+    python tools/evaluate.py img2img MODEL.onnx --out DIR    # SDEdit per strength
+    python tools/evaluate.py ratedistortion MODEL.onnx       # the paper's fig. 5 over t
+
+The last three (digits only) are in docs/editing.md with their figures.
 
 Digits (1x8x8, 17 levels): the Fréchet distance (FD) uses the hidden features of a
 small MLP trained here on scikit-learn's digits (deterministic, cached as .npz data

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from tools.loadtesting.phases import network_best, open_loop, saturate  # noqa: E402
 from tools.loadtesting.report import cpu_name, markdown, summarize  # noqa: E402
-from tools.loadtesting.server import HOST, ServerProcess  # noqa: E402,F401
+from tools.loadtesting.server import HOST, ServerProcess, load_test_args  # noqa: E402,F401
 from tools.loadtesting.workload import WORKLOAD  # noqa: E402
 
 MODES = {"batching": [], "serial": ["--no-batching"]}
@@ -81,10 +81,7 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
             check_output(out / name, inputs=[model], option="--out")
     except OutputError as err:
         raise click.ClickException(str(err)) from None
-    # Every client is 127.0.0.1 here: no per-address connection cap.
-    server_args = ["--max-batch", str(max_batch), "--max-queue", "4096", "--max-n", "64",
-                   "--max-client-connections", "100000",
-                   "--grace", "0"] + (["--threads", str(threads)] if threads else [])
+    server_args = load_test_args(max_batch, threads)
     if modes != "both" and rate is None:
         raise click.UsageError("--modes batching|serial needs --rate (there is no serial "
                                "capacity to take --load of)")

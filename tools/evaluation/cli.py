@@ -1,7 +1,9 @@
-"""The command line: baselines, quality, nll, steps, all."""
+"""The command line: baselines, quality, nll, steps, all; inpaint, img2img,
+ratedistortion (edits and the paper's progressive decoding, digits only)."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import click
 from runtime.samplers import SAMPLERS
 from runtime.schedule import SPACINGS
 
+from . import edits, ratedistortion
 from .digits import DIGITS_LEVELS, DIGITS_SHAPE, FD_SET_SIZE
 from .fid import DEFAULT_REFS, Evaluator, load_real_npz
 from .nll import nll_text, run_nll
@@ -39,12 +42,19 @@ def _evaluator(record, n, real, inception_weights, refs):
 
 
 def _int_list(text: str, what: str = "step counts", minimum: int = 1) -> tuple[int, ...]:
+    return _number_list(text, what, minimum)
+
+
+def _number_list(text: str, what: str, minimum, maximum=None, kind=int, hint=None) -> tuple:
     try:
-        values = tuple(int(s) for s in text.split(",") if s.strip())
+        values = tuple(kind(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated {what}, got {text!r}") from None
-    if not values or any(v < minimum for v in values):
-        raise click.BadParameter(f"{what} must be >= {minimum}, got {text!r}")
+        raise click.BadParameter(f"expected comma-separated {what}, got {text!r}",
+                                 param_hint=hint) from None
+    if not values or any(not minimum <= v <= (math.inf if maximum is None else maximum)
+                         for v in values):
+        bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise click.BadParameter(f"{what} must be {bounds}, got {text!r}", param_hint=hint)
     return values
 
 
@@ -269,6 +279,142 @@ def all_cmd(model, n, seed, real, inception_weights, out, refs, batch_size, thre
         click.echo(nll_text(nll))
     click.echo(report["markdown"])
     click.echo(f"report: {out / 'report.json'}, {out / 'steps.md'}, {out / 'steps.png'}")
+
+
+# === Edits and progressive decoding (digits) ===
+
+def _edit_opts(default_n: int):
+    def wrap(fn):
+        for opt in reversed([
+            click.option("-n", "--num", "n", type=click.IntRange(2, FD_SET_SIZE),
+                         default=default_n, show_default=True,
+                         help="held-out digits edited (and per reference set)"),
+            click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--refs", type=click.IntRange(min=1), default=DEFAULT_REFS,
+                         show_default=True, help="reference sets each FD is averaged over"),
+            click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+                         default=Path("out/eval"), show_default=True,
+                         help="report folder (JSON, markdown, PNG)"),
+            click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True,
+                         help="respaced steps of the chain"),
+            click.option("--sampler", type=click.Choice(SAMPLERS), default="ddpm",
+                         show_default=True),
+        ]):
+            fn = opt(fn)
+        return fn
+    return wrap
+
+
+def _check_outputs(out: Path, names, model: Path) -> None:
+    from runtime.util.fileio import OutputError, check_output
+
+    try:
+        for name in names:
+            check_output(out / name, inputs=[model], option="--out")
+    except OutputError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _edit_evaluator(pipe, n, refs):
+    ev = Evaluator(pipe.record.image_shape, pipe.record.data_range, pipe.record.num_levels, n,
+                   refs=refs, fixed_inputs=True)
+    if not ev.digits:
+        raise click.ClickException("edit measurements need a digits model (1x8x8, 17 levels): "
+                                   "they score with the digits classifier")
+    return ev
+
+
+def _write_report(out: Path, name: str, result: dict, md: str, plotter) -> None:
+    from runtime.util.fileio import write_text
+
+    write_text(out / f"{name}.md", md)
+    plotter(result, out / f"{name}.png")
+    write_json({name: result, "environment": environment()}, out / f"{name}.json")
+    click.echo(md)
+    click.echo(f"report: {out / name}.json, .md, .png")
+
+
+@main.command("inpaint")
+@_model_opts
+@_edit_opts(default_n=200)
+@click.option("--resamples", default="1,2,5,10", show_default=True,
+              help="comma-separated RePaint resample counts to sweep")
+@click.option("--jump-length", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--masks", default=",".join(edits.MASKS), show_default=True,
+              help=f"comma-separated, of {', '.join(edits.MASKS)}")
+def inpaint_cmd(model, batch_size, threads, progress, n, seed, refs, out, steps, sampler,
+                resamples, jump_length, masks):
+    """RePaint on held-out digits: original label kept, FD, against the noise-filled input."""
+    resamples = _number_list(resamples, "resample counts", 1, hint="--resamples")
+    masks = tuple(m.strip() for m in masks.split(",") if m.strip())
+    if not masks or set(masks) - set(edits.MASKS):
+        raise click.BadParameter(f"masks must be of {', '.join(edits.MASKS)}, got {masks}",
+                                 param_hint="--masks")
+    _check_outputs(out, ["inpaint.json", "inpaint.md", "inpaint.png",
+                         *(f"inpaint-examples-{m}.png" for m in masks)], model)
+    with _open(model, threads) as pipe:
+        ev = _edit_evaluator(pipe, n, refs)
+        result = _as_click(edits.inpaint_sweep, pipe, ev, masks=masks, resamples=resamples,
+                           jump_length=jump_length, steps=steps, sampler=sampler, seed=seed,
+                           batch_size=batch_size, progress=progress, examples=out)
+        result.update(model=pipe.source, backend=pipe.backend_name, baselines=ev.baselines(seed))
+    _write_report(out, "inpaint", result, edits.inpaint_markdown(result, result["baselines"]),
+                  edits.plot_inpaint)
+
+
+@main.command("img2img")
+@_model_opts
+@_edit_opts(default_n=200)
+@click.option("--strengths", default="0.2,0.3,0.4,0.5,0.6,0.7,0.8", show_default=True,
+              help="comma-separated strengths in [0, 1]")
+def img2img_cmd(model, batch_size, threads, progress, n, seed, refs, out, steps, sampler,
+                strengths):
+    """SDEdit on held-out digits: RMSE to the input and the classifier's view per strength."""
+    strengths = _number_list(strengths, "strengths", 0.0, 1.0, kind=float, hint="--strengths")
+    _check_outputs(out, ["img2img.json", "img2img.md", "img2img.png", "img2img-examples.png"],
+                   model)
+    with _open(model, threads) as pipe:
+        ev = _edit_evaluator(pipe, n, refs)
+        result = _as_click(edits.img2img_sweep, pipe, ev, strengths=strengths, steps=steps,
+                           sampler=sampler, seed=seed, batch_size=batch_size,
+                           progress=progress, examples=out)
+        result.update(model=pipe.source, backend=pipe.backend_name, baselines=ev.baselines(seed))
+    _write_report(out, "img2img", result, edits.img2img_markdown(result, result["baselines"]),
+                  edits.plot_img2img)
+
+
+@main.command("ratedistortion")
+@_model_opts
+@click.option("--nll-images", type=click.IntRange(1, 2 * FD_SET_SIZE), default=200,
+              show_default=True, help="held-out digits the bound and the predictions run on")
+@click.option("--variance", type=click.Choice(["fixedlarge", "fixedsmall"]), default="fixedlarge",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("out/eval"), show_default=True)
+def ratedistortion_cmd(model, batch_size, threads, progress, nll_images, variance, seed, out):
+    """Rate (bits/dim) and distortion (RMSE of predicted x_0) over t, as in the paper's fig 5."""
+    _check_outputs(out, ["ratedistortion.json", "ratedistortion.md", "ratedistortion.png"],
+                   model)
+    with _open(model, threads) as pipe:
+        ev = _edit_evaluator(pipe, 2, 1)
+        result = ratedistortion.run_ratedistortion(pipe, ev, nll_images, seed=seed,
+                                                   batch_size=batch_size, variance=variance,
+                                                   progress=progress)
+        result.update(model=pipe.source, backend=pipe.backend_name)
+    _write_report(out, "ratedistortion", result, ratedistortion.markdown(result),
+                  ratedistortion.plot)
+
+
+def _as_click(fn, *args, **kwargs):
+    """Bad options the runtime refuses (a sampler inpainting cannot use, a strength that
+    keeps no step) as one line, not a traceback."""
+    from runtime.errors import OptionError
+
+    try:
+        return fn(*args, **kwargs)
+    except (OptionError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
 
 
 if __name__ == "__main__":

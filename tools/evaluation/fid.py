@@ -17,6 +17,7 @@ from .metrics import (
     frechet_distance,
     gaussian_stats,
     half_splits,
+    held_out_splits,
     quantise,
 )
 
@@ -84,10 +85,13 @@ class Evaluator:
 
     Each FD is the mean over ``refs`` reference halves Y_k of the real pool, with the
     floor X_k vs Y_k and the Gaussian fitted to X_k computed on the same splits.
+    ``fixed_inputs``: one X for every split (:func:`held_out_splits`), for measuring edits
+    of the images X against references disjoint from them.
     """
 
     def __init__(self, shape, data_range, num_levels, n: int, *, real_npz: Path | None = None,
-                 inception_weights: Path | None = None, refs: int = DEFAULT_REFS):
+                 inception_weights: Path | None = None, refs: int = DEFAULT_REFS,
+                 fixed_inputs: bool = False):
         self.shape, self.data_range, self.num_levels, self.n = (tuple(shape), data_range,
                                                                 num_levels, n)
         self.digits = (self.shape == DIGITS_SHAPE and num_levels == DIGITS_LEVELS
@@ -121,7 +125,8 @@ class Evaluator:
             self.note = ("FID skipped: no --inception-weights PATH (and --real IMAGES.npz) given; "
                          "the Inception weights are never downloaded")
             return
-        self.splits = half_splits(len(self.pool), n, refs)
+        self.splits = (held_out_splits if fixed_inputs else half_splits)(len(self.pool), n,
+                                                                          refs)
         self._pool_features = None
         self._ref_stats = None
 

@@ -60,6 +60,18 @@ def half_splits(pool_size: int, n: int, refs: int, seed: int = SPLIT_SEED):
     return out
 
 
+def held_out_splits(pool_size: int, n: int, refs: int, seed: int = SPLIT_SEED):
+    """``refs`` pairs (X, Y_k) of disjoint index sets of n each, from range(pool_size), with
+    one fixed X: the images an edit works on, scored against references it never saw."""
+    if 2 * n > pool_size:
+        raise ValueError(f"two disjoint sets of {n} need {2 * n} images, the pool has "
+                         f"{pool_size}")
+    perm = np.random.default_rng([seed, 0]).permutation(pool_size)
+    x, rest = perm[:n], perm[n:]
+    return [(x, np.random.default_rng([seed, k]).choice(rest, n, replace=False))
+            for k in range(refs)]
+
+
 def digit_inception_score(probs: np.ndarray) -> float:
     """exp E_x KL(p(y|x) || p(y)), with the digits classifier in place of Inception."""
     p = np.clip(probs, 1e-12, 1.0)

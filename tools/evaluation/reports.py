@@ -49,22 +49,14 @@ def steps_markdown(table: dict, baselines: dict, n: int) -> str:
 def plot_steps(table: dict, baselines: dict, path: Path) -> Path:
     """Two panels against network calls (both axes log): FD with the seeds' spread, the full
     chain's FD and the real-vs-real floor; and images/s. One line per sampler."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("tools/evaluate.py steps: the plot needs matplotlib; "
-                         "pip install -e '.[eval]'") from None
-    matplotlib.use("Agg")  # files only, never a window
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
     rows, T = table["rows"], table["full_steps"]
     full = rows[0]
     samplers = list(dict.fromkeys(r["sampler"] for r in rows[1:]))
     panels = [p for p in (("fd", "FD vs network calls") if "fd" in full else None,
                           ("images_per_s", "images/s vs network calls")) if p]
-    fig = Figure(figsize=(5.6 * len(panels), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    fig, axes = new_figure(len(panels), "steps")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     for ax, (key, title) in zip(axes, panels, strict=True):
         refs = {f"DDPM {T} steps": full[key]}
         if key == "fd" and baselines.get("real_vs_real"):
@@ -85,10 +77,29 @@ def plot_steps(table: dict, baselines: dict, path: Path) -> Path:
             axis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    return save_figure(fig, path)
+
+
+def new_figure(panels: int, command: str, *, width: float = 5.6, height: float = 4.0):
+    """A matplotlib Figure (no GUI backend) of ``panels`` side by side, and its axes."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(f"tools/evaluate.py {command}: the plot needs matplotlib; "
+                         "pip install -e '.[eval]'") from None
+    matplotlib.use("Agg")  # files only, never a window
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * panels, height), layout="constrained")
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
+def save_figure(fig, path: Path) -> Path:
+    """The figure as PNG, written atomically."""
     from runtime.util.fileio import write_bytes
 
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     return write_bytes(path, buffer.getvalue())
 
 
@@ -101,9 +112,11 @@ def write_json(data: dict, path: Path) -> Path:
 def environment() -> dict:
     import onnxruntime
 
+    from tools.loadtesting.report import cpu_name
+
     return {"python": platform.python_version(), "numpy": np.__version__,
             "onnxruntime": onnxruntime.__version__, "cpu_count": cpu_count(),
-            "machine": platform.machine(), "command": " ".join(sys.argv)}
+            "cpu": cpu_name(), "machine": platform.machine(), "command": " ".join(sys.argv)}
 
 
 def summary(title: str, d: dict) -> str:

@@ -44,7 +44,7 @@ def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled:
         timer = threading.Timer(cancel_after, cancel)
         timer.start()
     try:
-        conn.request("POST", "/v1/samples", body=json.dumps(body).encode(),
+        conn.request("POST", cls.path, body=json.dumps(body).encode(),
                      headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         data = response.read()
@@ -73,12 +73,13 @@ def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled:
 
 
 def saturate(server: ServerProcess, clients: int, count: int, scale: float,
-             seed: int) -> dict:
+             seed: int, requests: list | None = None) -> dict:
     """Capacity: ``count`` requests drawn from the workload (the same list for every mode),
-    sent by ``clients`` closed-loop clients, each taking the next as soon as its last
-    returns; images/s over the time until the last reply."""
+    or the ``requests`` given, sent by ``clients`` closed-loop clients, each taking the next
+    as soon as its last returns; images/s over the time until the last reply."""
     todo = queue.Queue()
-    for item in draw_list(random.Random(seed), count, scale):
+    for item in requests if requests is not None else draw_list(random.Random(seed), count,
+                                                                  scale):
         todo.put(item)
     records: list[dict] = []
     lock = threading.Lock()
@@ -109,6 +110,8 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
             "image_steps_per_s": sum(r["work"] for r in ok) / elapsed,
             # Every row the network ran, as the server counts them (cancelled work too).
             "rows_per_s": (after["ddpm_rows_total"] - before["ddpm_rows_total"]) / elapsed,
+            "network_calls": int(after["ddpm_ticks_total"] - before["ddpm_ticks_total"]),
+            "rows": int(after["ddpm_rows_total"] - before["ddpm_rows_total"]),
             "errors": sum(r["outcome"] in ("error", "lost") for r in records),
             "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed)}
 

@@ -13,6 +13,7 @@ class RequestClass:
     sampler: str
     steps: int
     n: tuple[int, int]  # inclusive range
+    path: str = "/v1/samples"  # where it is posted (an edit: /v1/edits/KIND)
 
 
 WORKLOAD = (RequestClass("short", 0.85, "ddim", 20, (1, 4)),
@@ -20,21 +21,23 @@ WORKLOAD = (RequestClass("short", 0.85, "ddim", 20, (1, 4)),
             RequestClass("long", 0.03, "ddpm", 1000, (1, 1)))
 
 
-def draw(rng: random.Random, scale: float) -> tuple[RequestClass, dict]:
-    cls = rng.choices(WORKLOAD, weights=[c.weight for c in WORKLOAD])[0]
+def draw(rng: random.Random, scale: float,
+         workload: tuple[RequestClass, ...] = WORKLOAD) -> tuple[RequestClass, dict]:
+    cls = rng.choices(workload, weights=[c.weight for c in workload])[0]
     body = {"n": rng.randint(*cls.n), "seed": rng.randrange(2**31), "sampler": cls.sampler,
             "steps": max(1, round(cls.steps * scale)), "format": "png"}
     return cls, body
 
 
-def draw_list(rng: random.Random, count: int, scale: float) -> list[tuple[RequestClass, dict]]:
+def draw_list(rng: random.Random, count: int, scale: float,
+              workload: tuple[RequestClass, ...] = WORKLOAD) -> list[tuple[RequestClass, dict]]:
     """``count`` requests whose classes follow the workload's weights exactly (rounded,
     at least one of each), shuffled: their rate at saturation is the workload's capacity."""
-    classes = [c for c in WORKLOAD for _ in range(max(1, round(c.weight * count)))]
+    classes = [c for c in workload for _ in range(max(1, round(c.weight * count)))]
     rng.shuffle(classes)
     requests = []
     for cls in classes:
-        _, body = draw(rng, scale)
+        _, body = draw(rng, scale, workload)
         body.update(n=rng.randint(*cls.n), sampler=cls.sampler,
                     steps=max(1, round(cls.steps * scale)))
         requests.append((cls, body))

@@ -26,7 +26,7 @@ from runtime.util.fileio import (  # noqa: E402
     check_output,
     folder_lock,
 )
-from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from training.checkpoint import CheckpointError, is_student, load_checkpoint  # noqa: E402
 from training.config import (  # noqa: E402
     LR_DECAYS,
     MAX_LR,
@@ -122,6 +122,9 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
         if overwrite:
             raise click.UsageError("--resume and --overwrite contradict each other; pick one")
         resume_from = load_checkpoint(ckpt_path, resume=True)
+        if is_student(resume_from):  # L_simple would train its v-network as an eps-network
+            raise CheckpointError(f"{ckpt_path} is a distilled student; continue its run with "
+                                  "python training/distill.py TEACHER --resume")
         model_config = ModelConfig.from_dict(resume_from["model_config"])
         train_config = TrainConfig.from_dict(resume_from["train_config"])
         _check_resume_options(ctx_preset=preset_name, model_config=model_config,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
 from .backends import open_backend
-from .errors import Cancelled, check_int
+from .errors import Cancelled, StudentSamplingWarning, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .options import SEED, N, SampleOptions
@@ -83,6 +84,9 @@ class Pipeline:
         opts = SampleOptions.make(sampler, steps, spacing, defaults=self.record.defaults,
                                   **options)
         self._check_request(n, seed, BYTES_PER_VALUE_FLOAT)
+        off = self.record.off_distillation(opts, self.source)
+        if off is not None:
+            warnings.warn(off, StudentSamplingWarning, stacklevel=2)
         with self._lock:
             if self._closed:  # closed by another thread since the check above
                 raise ValueError(self._closed_message())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import runtime
+from export.to_onnx import main as to_onnx_main
+from runtime.cli import main as runtime_main
+from runtime.errors import ModelFileError, StudentSamplingWarning
+from runtime.metadata import ModelRecord
+from runtime.pipeline import Pipeline
 from runtime.samplers import ImageNoise, draw_noise, sample
 from runtime.schedule import Schedule, spaced_timesteps
 from runtime.stepmath import eps_from_output
@@ -324,3 +331,91 @@ def test_the_cli_refuses_missing_and_corrupt_teachers_in_one_line(tmp_path, cont
         path.write_bytes(content)
     _one_line_error(_cli([path, "--out", tmp_path / "run"]), match)
 
+
+# === The student's record, in the runtime ===
+
+DISTILLED = {"method": "progressive", "from_steps": 8, "steps": 2, "teacher_sha256": "ab" * 32}
+OWN = {"sampler": "ddim", "steps": 2, "spacing": "trailing", "eta": 0.0}
+
+
+def _record(**fields) -> ModelRecord:
+    return ModelRecord(schedule=FULL.config, image_shape=(1, 4, 4), data_range=(-1.0, 1.0),
+                       num_levels=256, model_config={}, checkpoint_sha256="0" * 64,
+                       weights="ema", **fields)
+
+
+def test_a_students_record_round_trips_and_other_records_stay_as_they_were():
+    student = _record(prediction="v", defaults=OWN, distilled=DISTILLED)
+    assert ModelRecord.from_json(student.to_json(), "s.onnx") == student
+    plain = _record()
+    assert "distilled" not in json.loads(plain.to_json())  # other files keep their bytes
+    assert ModelRecord.from_json(plain.to_json(), "p.onnx").distilled is None
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: "4", "distilled must be an object"),
+    (lambda d: {**d, "steps": 0}, "distilled.steps"),
+    (lambda d: {**d, "steps": 1.5}, "distilled.steps"),
+    (lambda d: {**d, "from_steps": 2}, "distilled.from_steps"),
+    (lambda d: {**d, "from_steps": 5000}, "distilled.from_steps"),
+    (lambda d: {k: v for k, v in d.items() if k != "teacher_sha256"}, "teacher_sha256"),
+])
+def test_a_malformed_distilled_entry_is_one_line(edit, match):
+    data = json.loads(_record(prediction="v", defaults=OWN, distilled=DISTILLED).to_json())
+    data["distilled"] = edit(DISTILLED)
+    with pytest.raises(ModelFileError, match=match) as caught:
+        ModelRecord.from_dict(data, "s.onnx")
+    assert "\n" not in str(caught.value) and "s.onnx" in str(caught.value)
+
+
+def test_a_student_warns_once_in_one_line_when_asked_for_other_steps():
+    record = _record(prediction="v", defaults=OWN, distilled=DISTILLED)
+    pipe = Pipeline(lambda x, t: np.zeros_like(x), record, source="s.onnx",
+                    backend_name="numpy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        own = pipe.sample_float(2, 0, progress=False)
+        also_own = pipe.sample_float(2, 0, sampler="ddim", steps=2, progress=False)
+    assert caught == [] and np.array_equal(own, also_own)
+    for asked, named in [({"steps": 4}, "steps 4"), ({"sampler": "dpmpp_2m"}, "dpmpp_2m"),
+                         ({"spacing": "linspace"}, "linspace"), ({"eta": 0.5}, "eta 0.5")]:
+        with pytest.warns(StudentSamplingWarning) as caught:
+            pipe.sample_float(2, 0, progress=False, **asked)
+        assert len(caught) == 1
+        message = str(caught[0].message)
+        assert "\n" not in message and named in message and "steps 2" in message
+
+
+@pytest.mark.slow
+def test_a_student_exports_and_samples_with_its_own_steps_by_default(whole_run, tmp_path):
+    run_, out = whole_run
+    onnx = tmp_path / "student.onnx"
+    result = CliRunner().invoke(to_onnx_main, [str(out / "student.pt"), "-o", str(onnx)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    with runtime.load(onnx) as pipe:
+        record = pipe.record
+        assert record.prediction == "v" and record.defaults == OWN
+        assert record.distilled == {**DISTILLED, "teacher_sha256": record.distilled[
+            "teacher_sha256"]} and record.distilled["from_steps"] == 8
+        got = pipe.sample_float(6, 3, progress=False)
+    # The runtime draws what the torch student (its EMA) draws with its own sampler.
+    want = reference_sample(run_.ema.model, FULL.respaced(2, "trailing"), (6, 1, 8, 8),
+                            ImageNoise(3, 6), sampler="ddim", prediction="v")
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    sample = CliRunner().invoke(runtime_main, ["sample", str(onnx), "-n", "4", "-o",
+                                               str(tmp_path / "own.png"), "--no-progress"])
+    assert sample.exit_code == 0 and "ddim 2 steps" in sample.output
+    assert "warning" not in sample.output
+    sample = CliRunner().invoke(runtime_main, ["sample", str(onnx), "-n", "4", "--steps", "4",
+                                               "-o", str(tmp_path / "off.png"),
+                                               "--no-progress"])
+    warned = [line for line in sample.output.splitlines() if "warning" in line]
+    assert sample.exit_code == 0 and "ddim 4 steps" in sample.output
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "steps 4" in warned[0]
+    # A student in the middle of a round exports too, with a warning that it is unfinished.
+    middle = torch.load(out / "student.pt", weights_only=True)
+    torch.save({**middle, "step": 4}, tmp_path / "middle.pt")
+    result = CliRunner().invoke(to_onnx_main, [str(tmp_path / "middle.pt"), "-o",
+                                               str(tmp_path / "middle.onnx")])
+    assert result.exit_code == 0 and "middle of its 2-step round" in result.output

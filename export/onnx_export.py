@@ -79,6 +79,8 @@ def exporter_info(exporter: str = DEFAULT_EXPORTER) -> dict:
 
 def make_record(ckpt: dict, *, sha256: str, weights: str, flops: int,
                 exporter: str = DEFAULT_EXPORTER) -> ModelRecord:
+    from training.checkpoint import steps_behind
+
     data = ckpt["data"]
     return ModelRecord(
         schedule=dict(ckpt["schedule"]),
@@ -88,10 +90,33 @@ def make_record(ckpt: dict, *, sha256: str, weights: str, flops: int,
         model_config=dict(ckpt["model_config"]),
         checkpoint_sha256=sha256,
         weights=weights,
-        train_step=int(ckpt["step"]),
+        train_step=steps_behind(ckpt),
         flops_per_image=flops,
         exporter=exporter_info(exporter),
+        **student_fields(ckpt),
     )
+
+
+def student_fields(ckpt: dict) -> dict:
+    """A distilled student's record fields: what its network predicts, the sampler it was
+    distilled for as its ``defaults`` (DDIM, eta 0, its steps and timesteps) and
+    ``distilled``; nothing for any other checkpoint."""
+    from training.checkpoint import is_student, student_steps
+    from training.config import DistillConfig
+
+    if not is_student(ckpt):
+        return {}
+    steps = student_steps(ckpt)
+    if steps is None:
+        raise ExportError("the student has not taken a distillation step yet; export its "
+                          "teacher, or distil first")
+    plan = DistillConfig.from_dict(ckpt["distill"]["config"])
+    return {"prediction": ckpt["prediction"],
+            "defaults": {"sampler": "ddim", "steps": steps[0], "spacing": plan.spacing,
+                         "eta": 0.0},
+            "distilled": {"method": "progressive", "from_steps": plan.teacher_steps,
+                          "steps": steps[0],
+                          "teacher_sha256": ckpt["distill"]["teacher_sha256"]}}
 
 
 def to_onnx_bytes(model: torch.nn.Module, record: ModelRecord, *,
@@ -300,13 +325,18 @@ def export_checkpoint(ckpt_path, out_path, *, weights: str = "ema",
     was. A file that fails verification is kept as ``*.unverified.onnx`` for inspection, and
     :class:`ExportError` says so: a user never picks up an unverified model by accident.
     """
-    from training.checkpoint import build_model, load_checkpoint
+    from training.checkpoint import build_model, load_checkpoint, student_steps
 
     ckpt_path, out_path = Path(ckpt_path), Path(out_path)
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     check_onnx_output(out_path, inputs=[ckpt_path])
     ckpt = load_checkpoint(ckpt_path)  # validated: a bad record fails here, nothing written
+    steps = student_steps(ckpt)
+    if steps is not None and not steps[1]:
+        warnings.warn(f"{ckpt_path} is a student in the middle of its {steps[0]}-step round; "
+                      f"its finished students are the student-N.pt files beside it",
+                      stacklevel=2)
     model = build_model(ckpt, weights=weights)
     flops = count_flops(model, ckpt["data"]["image_shape"])
     record = make_record(ckpt, sha256=sha256_file(ckpt_path), weights=weights, flops=flops,

@@ -8,13 +8,14 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 import numpy as np
 
 from . import backends
-from .errors import MAX_THREADS
+from .errors import MAX_THREADS, StudentSamplingWarning
 from .options import SEED, SampleOptions, click_options
 from .scale.cluster import RayClusterError
 from .scale.shards import DEFAULT_SHARD_SIZE
@@ -111,9 +112,12 @@ def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, de
             raise click.UsageError(f"{model}: images of {pipe.image_shape[0]} channels cannot "
                                    "be written as PNG; sample them with the Python API")
         steps_run = options.steps or pipe.record.num_timesteps
+        _say_off_distillation(pipe.record, options, model)
         start = time.perf_counter()
-        images = pipe.sample(n, seed, **options.to_dict(), batch_size=batch_size,
-                             progress=progress)
+        with warnings.catch_warnings():  # said above, in one line
+            warnings.simplefilter("ignore", StudentSamplingWarning)
+            images = pipe.sample(n, seed, **options.to_dict(), batch_size=batch_size,
+                                 progress=progress)
         seconds = time.perf_counter() - start
         backend_name = pipe.backend_name
     _write_images(images, seed, out, npz, each, each_png)
@@ -134,6 +138,13 @@ def _write_images(images, seed: int, out: Path, npz: Path | None, each: Path | N
                 np.savez_compressed(f, images=images, seed=seed)
         for k, image in enumerate(images if each is not None else ()):
             outputs.write_bytes(each_png(k), png_bytes(image))
+
+
+def _say_off_distillation(record, options: SampleOptions, model: Path) -> None:
+    """A distilled student asked for other sampling than its own: one line on stderr."""
+    off = record.off_distillation(options, str(model))
+    if off is not None:
+        click.echo(f"warning: {off}", err=True)
 
 
 def _check_outputs(out: Path, npz: Path | None, each: Path | None, n: int,
@@ -240,6 +251,7 @@ def bulk_cmd(model, n, seed, out, shard_size, ray_address, workers, progress, ba
         options = _options(sampling, pipe.record.defaults)
         options = options.with_steps(options.steps or pipe.record.num_timesteps)
         options.respace(pipe.schedule)
+        _say_off_distillation(pipe.record, options, model)
         image_shape = pipe.image_shape
     files = backends.model_files(model, backend)
     job = BulkJob(out, model_sha256=backends.model_digest(files), image_shape=image_shape,

@@ -20,6 +20,11 @@ class NonFiniteError(FloatingPointError):
     """The network produced NaN or inf during sampling."""
 
 
+class StudentSamplingWarning(UserWarning):
+    """A distilled student is sampled otherwise than it was distilled for (another step
+    count, sampler or spacing): allowed, but its images are worse than at its own."""
+
+
 class Cancelled(Exception):
     """A sampling call was cancelled by its caller (a callback returned False, or a cancel
     token was set). Nothing is broken: the pipeline stays usable."""

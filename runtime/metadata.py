@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFileError
-from .options import SampleOptions, sampler_options
+from .options import SampleOptions, sampler_options, show_value
 from .schedule import Schedule
 from .stepmath import PREDICTIONS
 
@@ -47,6 +47,7 @@ class ModelRecord:
     prediction: str = "eps"               # what the network outputs: eps, v or x0
     clip_x0: bool = True                  # samplers clip predicted x_0 to data_range
     defaults: dict[str, Any] = field(default_factory=dict)  # this model's sampling defaults
+    distilled: dict[str, Any] | None = None  # a student's: method, from_steps, steps, teacher
     train_step: int | None = None         # optimisation steps behind these weights
     flops_per_image: int | None = None    # one ε evaluation, counted at export
     exporter: dict[str, Any] = field(default_factory=dict)  # tool versions, opset
@@ -60,7 +61,24 @@ class ModelRecord:
         return Schedule.from_config(self.schedule)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        record = asdict(self)
+        if record["distilled"] is None:  # the files of every other model stay as they were
+            del record["distilled"]
+        return json.dumps(record, sort_keys=True)
+
+    def off_distillation(self, options: SampleOptions, source: str) -> str | None:
+        """For a distilled student asked to sample otherwise than it was distilled for
+        (its ``defaults``: sampler, steps, spacing, eta), the one-line warning; else None."""
+        if self.distilled is None:
+            return None
+        asked = options.to_dict()
+        differ = [f"{k} {asked.get(k)}" for k, v in self.defaults.items() if asked.get(k) != v]
+        if not differ:
+            return None
+        own = ", ".join(f"{k} {v}" for k, v in self.defaults.items())
+        return (f"{source} is a student distilled for {own}; sampled with "
+                f"{', '.join(differ)} it gives worse images than with its own (leave those "
+                "options out to use them)")
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ModelRecord:
@@ -94,6 +112,9 @@ class ModelRecord:
             for name in ("model_config", "exporter", "defaults"):
                 if name in data and not isinstance(data[name], dict):
                     raise ValueError(f"{name} must be an object, got {_kind(data[name])}")
+            if data.get("distilled") is not None:
+                kwargs["distilled"] = check_distilled(data["distilled"],
+                                                      kwargs["schedule"]["num_timesteps"])
             for name in ("checkpoint_sha256", "weights", "prediction"):
                 if name in data and not isinstance(data[name], str):
                     raise ValueError(f"{name} must be a string, got {_kind(data[name])}")
@@ -138,6 +159,22 @@ class ModelRecord:
         except ValueError as err:
             raise ModelFileError(f"{source}: invalid sampling defaults in the '{METADATA_KEY}' "
                                  f"record ({err}); re-export the model") from None
+
+
+def check_distilled(value: Any, num_timesteps: int) -> dict[str, Any]:
+    """A student's ``distilled`` entry: ``method`` (a string), ``from_steps`` and ``steps``
+    (its teacher's network calls and its own, 1 <= steps < from_steps <= T) and
+    ``teacher_sha256`` (the teacher checkpoint's digest); other keys are kept as they are."""
+    if not isinstance(value, dict):
+        raise ValueError(f"distilled must be an object, got {_kind(value)}")
+    for name in ("method", "teacher_sha256"):
+        if not isinstance(value.get(name), str):
+            raise ValueError(f"distilled.{name} must be a string, got "
+                             f"{show_value(value.get(name))}")
+    steps = check_integer(value.get("steps"), "distilled.steps", 1, num_timesteps)
+    from_steps = check_integer(value.get("from_steps"), "distilled.from_steps", steps + 1,
+                               num_timesteps)
+    return {**value, "steps": steps, "from_steps": from_steps}
 
 
 def decode_json(text: str | bytes, source, what: str, fix: str,

@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +24,7 @@ from .edits import (
     run_kwargs,
     slerp,
 )
-from .errors import Cancelled, OptionError, check_int
+from .errors import Cancelled, OptionError, StudentSamplingWarning, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .options import SEED, N, SampleOptions
@@ -101,6 +102,9 @@ class Pipeline:
         opts = SampleOptions.make(sampler, steps, spacing, defaults=self.record.defaults,
                                   **options)
         self._check_request(n, seed, BYTES_PER_VALUE_FLOAT)
+        off = self.record.off_distillation(opts, self.source)
+        if off is not None:
+            warnings.warn(off, StudentSamplingWarning, stacklevel=2)
         check_int(first_index, "first_index", minimum=0)
         schedule = opts.respace(self.schedule)
 

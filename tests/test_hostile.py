@@ -90,7 +90,8 @@ CKPT_EDITS = {
     "extra": lambda c: c["model"].update({"bogus.weight": c["model"][_first(c["model"])]}),
     "misshaped": lambda c: c["ema"].update({_first(c["ema"]): c["ema"][_first(c["ema"])][:1]}),
     "other_config": lambda c: c["model_config"].update(ch=32),
-    "newer": lambda c: c.update(format_version=2),
+    "newer": lambda c: c.update(format_version=3),  # 2 is a distilled student's
+    "student_without_plan": lambda c: c.update(format_version=2),
     "t0": lambda c: c["schedule"].update(num_timesteps=0),
     "nan": lambda c: c["ema"][_first(c["ema"])].view(-1).__setitem__(0, float("nan")),
     # The configs must agree with each other and sample in float32.

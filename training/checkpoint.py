@@ -1,7 +1,9 @@
 """Checkpoints: plain data and tensors only, written atomically, read with weights_only=True.
 
 A checkpoint is enough to rebuild the network (``build_model``), the schedule and the
-run (configs, step, optimizer, EMA, RNG states): export repeats no flags.
+run (configs, step, optimizer, EMA, RNG states): export repeats no flags. A distilled
+student's (training/distiller.py) is the same format, version 2, with what its network
+predicts and how it was distilled.
 """
 
 from __future__ import annotations
@@ -22,15 +24,23 @@ from runtime.metadata import (
     check_integer,
     check_schedule,
 )
+from runtime.stepmath import PREDICTIONS
 from runtime.util.clierrors import one_line
 from runtime.util.fileio import atomic_output
 
-from .config import ModelConfig, TrainConfig
+from .config import DistillConfig, ModelConfig, TrainConfig
 from .unet import UNet
 
 FORMAT_VERSION = 1
+# A distilled student: 'prediction' (what its network returns) and 'distill' (its plan and
+# teacher) are added, and a resumable one holds its round's 'teacher' weights. Its own
+# version, so that an export older than students refuses the file ("newer than this
+# release reads") instead of reading a v-network as an ε-network.
+STUDENT_FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "schedule", "data", "step",
                  "model", "ema")
+# What only a resume needs: left out of the per-round student files.
+RUN_STATE_KEYS = ("optimizer", "rng", "teacher")
 
 
 class CheckpointError(ValueError):
@@ -47,6 +57,49 @@ def make_checkpoint(*, model_config: dict, train_config: dict, schedule: dict, d
     return {"format_version": FORMAT_VERSION, "model_config": model_config,
             "train_config": train_config, "schedule": schedule, "data": data, "step": step,
             "model": model, "ema": ema, **run_state}
+
+
+def student_checkpoint(ckpt: dict[str, Any], *, prediction: str, distill: dict,
+                       teacher: dict | None = None) -> dict[str, Any]:
+    """``ckpt`` (:func:`make_checkpoint`'s) as a distilled student's, version 2.
+
+    ``distill``: ``config`` (DistillConfig.to_dict()), ``teacher_sha256``,
+    ``teacher_prediction``, ``teacher_train_step`` and ``round_started_s`` (training time
+    when the current round began); ``teacher``: the current round's teacher weights.
+    """
+    out = {**ckpt, "format_version": STUDENT_FORMAT_VERSION, "prediction": prediction,
+           "distill": distill}
+    if teacher is not None:
+        out["teacher"] = teacher
+    return out
+
+
+def without_run_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint less what only a resume reads (optimizer, RNG, teacher): still a
+    complete model to export."""
+    return {k: v for k, v in ckpt.items() if k not in RUN_STATE_KEYS}
+
+
+def is_student(ckpt: dict[str, Any]) -> bool:
+    return ckpt.get("format_version") == STUDENT_FORMAT_VERSION
+
+
+def student_steps(ckpt: dict[str, Any]) -> tuple[int, bool] | None:
+    """A student checkpoint's network calls: those of the last round it trained in, and
+    whether that round is finished. None for a checkpoint that is not a student or has not
+    taken a step yet."""
+    if not is_student(ckpt) or ckpt["step"] == 0:
+        return None
+    plan = DistillConfig.from_dict(ckpt["distill"]["config"])
+    step = ckpt["step"]
+    return plan.student_steps((step - 1) // plan.round_steps), step % plan.round_steps == 0
+
+
+def steps_behind(ckpt: dict[str, Any]) -> int:
+    """Optimizer steps behind a checkpoint's weights: a student counts its teachers'."""
+    if is_student(ckpt):
+        return int(ckpt["distill"]["teacher_train_step"]) + int(ckpt["step"])
+    return int(ckpt["step"])
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
@@ -136,8 +189,13 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
         return CheckpointError(f"{path}: {what}; use a ckpt.pt written by training/train.py "
                                "(or an earlier copy of it)")
 
-    check_format_version(ckpt["format_version"], FORMAT_VERSION, str(path), "the checkpoint",
-                         "use the code version that wrote it", error=CheckpointError)
+    version = ckpt["format_version"]
+    student = type(version) is int and version == STUDENT_FORMAT_VERSION
+    if not student:
+        newest = (STUDENT_FORMAT_VERSION if type(version) is int and version > FORMAT_VERSION
+                  else FORMAT_VERSION)
+        check_format_version(version, newest, str(path), "the checkpoint",
+                             "use the code version that wrote it", error=CheckpointError)
     checks = {
         "model_config": ModelConfig.from_dict,
         "train_config": TrainConfig.from_dict,
@@ -145,6 +203,12 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
         "data": lambda v: _check_data(v, resume),
         "step": lambda v: check_integer(v, "step", 0, None),
     }
+    if student:
+        missing = [k for k in ("prediction", "distill") if k not in ckpt]
+        if missing:
+            raise bad(f"format version {version} (a distilled student) but no {missing}")
+        checks["prediction"] = _check_prediction
+        checks["distill"] = _check_distill
     parsed = {}
     for name, check in checks.items():
         try:
@@ -156,6 +220,10 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
     disagree = _schedule_disagreement(parsed["train_config"], parsed["schedule"].config)
     if disagree:
         raise bad(f"its train_config and its 'schedule' disagree on {disagree}")
+    if student:
+        problem = _plan_problem(parsed["distill"], parsed["train_config"], parsed["step"])
+        if problem:
+            raise bad(f"invalid 'distill' ({problem})")
     config = parsed["model_config"]
     expected_shape = (config.in_channels, config.image_size, config.image_size)
     if parsed["data"] != expected_shape:
@@ -164,8 +232,11 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
     with torch.device("meta"):  # shapes only: nothing is allocated for the reference
         reference = UNet(config)
     shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    for name in ("model", "ema"):
-        problem = _weights_problem(ckpt[name], shapes)
+    weights = ["model", "ema"]
+    if student and (resume or "teacher" in ckpt):  # a student resumes with its round's teacher
+        weights.append("teacher")
+    for name in weights:
+        problem = _weights_problem(ckpt.get(name), shapes)
         if problem:
             raise bad(f"'{name}' weights do not fit its model_config: {problem}")
     if resume:
@@ -188,6 +259,41 @@ def _check_data(data: Any, resume: bool) -> tuple[int, int, int]:
                 and not (isinstance(value, str) and value.strip()):
             raise ValueError(f"{key} must be a non-empty string, got {value!r}")
     return check_image_shape(data["image_shape"])
+
+
+def _check_prediction(value: Any) -> str:
+    if value not in PREDICTIONS:
+        raise ValueError(f"expected one of {PREDICTIONS}, got {value!r}")
+    return value
+
+
+def _check_distill(value: Any) -> DistillConfig:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    plan = DistillConfig.from_dict(value["config"])
+    digest = value["teacher_sha256"]
+    if not (isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"teacher_sha256 must be 64 hex digits, got {digest!r}")
+    _check_prediction(value["teacher_prediction"])
+    check_integer(value["teacher_train_step"], "teacher_train_step", 0, None)
+    started = value["round_started_s"]
+    if isinstance(started, bool) or not isinstance(started, (int, float)) \
+            or not 0 <= started < float("inf"):
+        raise ValueError(f"round_started_s must be a number >= 0, got {started!r}")
+    return plan
+
+
+def _plan_problem(plan: DistillConfig, train: TrainConfig, step: int) -> str | None:
+    if plan.teacher_steps > train.num_timesteps:
+        return (f"{plan.teacher_steps} teacher steps are more than the schedule's "
+                f"{train.num_timesteps}")
+    if train.steps != plan.rounds * plan.round_steps:
+        return (f"train_config steps {train.steps} are not {plan.rounds} rounds of "
+                f"{plan.round_steps}")
+    if step > train.steps:
+        return f"step {step} is past the plan's last, {train.steps}"
+    return None
 
 
 def _schedule_disagreement(train: TrainConfig, schedule: dict[str, Any]) -> str | None:

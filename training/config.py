@@ -172,6 +172,73 @@ class TrainConfig:
         return cls(**_known_fields(cls, d))
 
 
+# What progressive distillation's grids can be: "trailing" keeps T-1, T-1-T/n, ..., and the
+# grid of n steps is then exactly every other point of the grid of 2n (T - j T/n with the
+# same rounding), so a student's step spans two of its teacher's. Every other spacing
+# (linspace, leading, quadratic) rounds the halved grid off its parent's.
+DISTILL_SPACINGS = ("trailing",)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Progressive distillation's plan (Salimans & Ho 2022): the teacher's deterministic
+    sampler (DDIM, eta 0) at ``teacher_steps`` network calls, halved each round down to the
+    student's ``steps``, with ``round_steps`` optimizer steps per round. The optimizer's
+    recipe (lr, batch, EMA, seed) is a TrainConfig, as for training."""
+
+    teacher_steps: int = 32  # the first round's teacher: DDIM with this many calls
+    steps: int = 4  # the last round's student: teacher_steps / 2**rounds calls
+    round_steps: int = 1500  # optimizer steps per round
+    spacing: str = "trailing"  # which timesteps each grid keeps (DISTILL_SPACINGS)
+
+    def __post_init__(self):
+        for name in ("teacher_steps", "steps", "round_steps"):
+            if _bad_int(getattr(self, name), minimum=1):
+                raise ValueError(f"DistillConfig.{name} must be a positive integer, "
+                                 f"got {getattr(self, name)!r}")
+        ratio = self.teacher_steps // self.steps
+        if self.teacher_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
+            halves, n = [], self.teacher_steps
+            while n % 2 == 0:
+                n //= 2
+                halves.append(str(n))
+            fix = (f"choose one of {', '.join(halves)}" if halves else
+                   "choose teacher steps that are the student's times a power of two")
+            raise ValueError(f"the student's {self.steps} steps are not the teacher's "
+                             f"{self.teacher_steps} halved one or more times (each round halves "
+                             f"them); {fix}")
+        if self.spacing not in DISTILL_SPACINGS:
+            raise ValueError(f"DistillConfig.spacing must be one of {DISTILL_SPACINGS}, got "
+                             f"{self.spacing!r}")
+
+    @property
+    def rounds(self) -> int:
+        return (self.teacher_steps // self.steps).bit_length() - 1
+
+    def student_steps(self, round_index: int) -> int:
+        """The network calls of round ``round_index``'s student (0-based)."""
+        return self.teacher_steps >> (round_index + 1)
+
+    def train_config(self, base: TrainConfig, **recipe) -> TrainConfig:
+        """The optimizer's recipe: ``base`` (the teacher's, for its schedule and data
+        augmentation) with DISTILL_RECIPE, then ``recipe``, for all rounds together."""
+        return base.replace(**{**DISTILL_RECIPE, **recipe,
+                               "steps": self.rounds * self.round_steps})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        return cls(**_known_fields(cls, d))
+
+
+# Distillation's optimizer recipe for every round (each a fresh Adam; the lr warms up and
+# decays to 0 along a cosine within each round, and the EMA restarts with it).
+DISTILL_RECIPE = {"lr": 3e-4, "warmup": 50, "lr_decay": "cosine", "batch_size": 128,
+                  "ema_decay": 0.999, "sample_every": 0, "save_every": 500, "log_every": 50}
+
+
 def _bad_int(value, *, minimum: int) -> bool:
     return isinstance(value, bool) or not isinstance(value, int) or value < minimum
 

@@ -16,12 +16,15 @@ from .reference import reference_sample
 
 def write_preview(path: Path, model: nn.Module, schedule: Schedule, *, count: int, steps: int,
                   image_shape: tuple[int, int, int], seed: int,
-                  device: torch.device | str) -> Path:
+                  device: torch.device | str, sampler: str = "ddpm",
+                  spacing: str = "linspace", prediction: str = "eps") -> Path:
     """Sample ``count`` images on a respaced ``steps``-step chain and save a PNG grid.
 
-    The same seed every time, so successive grids show the same chains improving.
+    The same seed every time, so successive grids show the same chains improving. Training
+    previews with DDPM's ancestral sampler (σ² = β); a distilled student with its own
+    sampler, timesteps and ``prediction``.
     """
-    x = reference_sample(model, schedule.respaced(steps), (count, *image_shape),
-                         ImageNoise(seed, count), sampler="ddpm", variance="fixedlarge",
-                         device=device)
+    x = reference_sample(model, schedule.respaced(steps, spacing), (count, *image_shape),
+                         ImageNoise(seed, count), sampler=sampler, variance="fixedlarge",
+                         prediction=prediction, device=device)
     return save_grid(to_uint8(x), path)

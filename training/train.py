@@ -26,7 +26,7 @@ from runtime.util.fileio import (  # noqa: E402
     check_output,
     folder_lock,
 )
-from training.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from training.checkpoint import CheckpointError, is_student, load_checkpoint  # noqa: E402
 from training.config import (  # noqa: E402
     LR_DECAYS,
     MAX_LR,
@@ -45,13 +45,13 @@ FIXED_ON_RESUME = {"batch_size": "--batch-size", "lr": "--lr", "lr_decay": "--lr
                    "seed": "--seed"}
 
 
-def _check_device(ctx, param, value: str) -> str:
+def check_device(ctx, param, value: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
     return value
 
 
-def _check_out(ctx, param, value):
+def check_out(ctx, param, value):
     # Checked as typed: Path("") is Path("."), which would train into the current folder.
     if value is not None and not value.strip():
         raise click.BadParameter("is empty; pass the run's folder, e.g. runs/digits")
@@ -63,7 +63,7 @@ def _check_out(ctx, param, value):
     return None if value is None else Path(value)
 
 
-def _check_data(ctx, param, value):
+def check_data(ctx, param, value):
     if value is not None and not value.strip():
         raise click.BadParameter("is empty; pass 'digits', an .npz, an image folder or a "
                                  "cifar-10-batches-py folder")
@@ -75,7 +75,7 @@ def _check_data(ctx, param, value):
                                  "show_default": True})
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="digits",
               help="Model size and training recipe.")
-@click.option("--data", default=None, callback=_check_data,
+@click.option("--data", default=None, callback=check_data,
               help="'digits', an .npz with an 'images' uint8 array, a folder of PNG/JPEG "
                    "images, or a cifar-10-batches-py folder. [default: digits for --preset "
                    "digits]")
@@ -91,7 +91,7 @@ def _check_data(ctx, param, value):
                    "along a half cosine (a resume with a larger --steps stretches the curve). "
                    "[default: the preset's]")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              callback=_check_out,
+              callback=check_out,
               help="Run directory for ckpt.pt, log.jsonl and sample grids. [default: "
                    "runs/<preset>]")
 @click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is OUT/ckpt.pt.")
@@ -102,7 +102,7 @@ def _check_data(ctx, param, value):
               help="Steps between sample grids; 0 = only at the end. [default: the preset's]")
 @click.option("--save-every", type=click.IntRange(min=0), default=None,
               help="Steps between checkpoints; 0 = only at the end. [default: the preset's]")
-@click.option("--device", default="auto", callback=_check_device,
+@click.option("--device", default="auto", callback=check_device,
               help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="CPU threads per process. [default: OMP_NUM_THREADS, else the cores that "
@@ -122,20 +122,23 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
         if overwrite:
             raise click.UsageError("--resume and --overwrite contradict each other; pick one")
         resume_from = load_checkpoint(ckpt_path, resume=True)
+        if is_student(resume_from):  # L_simple would train its v-network as an eps-network
+            raise CheckpointError(f"{ckpt_path} is a distilled student; continue its run with "
+                                  "python training/distill.py TEACHER --resume")
         model_config = ModelConfig.from_dict(resume_from["model_config"])
         train_config = TrainConfig.from_dict(resume_from["train_config"])
         _check_resume_options(ctx_preset=preset_name, model_config=model_config,
                               train_config=train_config, given=given)
         data = _resume_data(data, resume_from["data"]["spec"], ckpt_path)
     else:
-        _check_fresh(ckpt_path, overwrite)
+        check_fresh(ckpt_path, overwrite)
         model_config, train_config = preset(preset_name)
         if data is None:
             if preset_name != "digits":
                 raise click.UsageError(f"--preset {preset_name} needs --data (an .npz, an image "
                                        "folder or a cifar-10-batches-py folder)")
             data = "digits"
-    _check_out_outside_data(out_dir, data)
+    check_out_outside_data(out_dir, data)
     try:
         train_config = train_config.replace(**given)
     except ValueError as err:
@@ -154,7 +157,7 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
              else contextlib.nullcontext())
     with owner:
         if resume_from is None:  # a run that ended while we were checking left its ckpt.pt
-            _check_fresh(ckpt_path, overwrite)
+            check_fresh(ckpt_path, overwrite)
         dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
         # Nothing was written or removed so far: a refused command leaves OUT as it was (a
         # fresh run's log is emptied by the trainer, once it has accepted the data and
@@ -168,7 +171,7 @@ def main(preset_name, data, steps, batch_size, lr, lr_decay, out_dir, resume, ov
                    f"samples {out_dir}/samples_{trainer.step:07d}.png")
 
 
-def _check_fresh(ckpt_path: Path, overwrite: bool) -> None:
+def check_fresh(ckpt_path: Path, overwrite: bool) -> None:
     if ckpt_path.exists() and not overwrite:
         raise click.UsageError(f"{ckpt_path} exists; pass --resume to continue that run, "
                                "--overwrite to start afresh, or choose another --out")
@@ -209,7 +212,7 @@ def _resume_data(given: str | None, recorded: str, ckpt_path: Path) -> str:
     return given
 
 
-def _check_out_outside_data(out_dir: Path, data: str) -> None:
+def check_out_outside_data(out_dir: Path, data: str) -> None:
     """A run never writes into its data: preview grids in an image folder would become
     training images on resume."""
     if data == "digits":

@@ -67,6 +67,17 @@ def derive_seed(*parts: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def scheduled_lr(cfg: TrainConfig, step: int, horizon: int) -> float:
+    """Linear warmup from 0 to lr over ``warmup`` steps, then constant (the paper) or a
+    cosine decay that reaches 0 at step ``horizon``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_decay == "cosine":
+        done = (step - cfg.warmup) / max(horizon - cfg.warmup, 1)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    return cfg.lr
+
+
 def epoch_steps(dataset: Dataset, batch_size: int, world_size: int, *,
                 resuming: bool = False) -> int:
     """Steps per epoch: whole batches of each process's shard (DatasetError when none fits)."""
@@ -82,12 +93,18 @@ def epoch_steps(dataset: Dataset, batch_size: int, world_size: int, *,
 
 
 class Trainer:
-    """One process's share of a run. Build, optionally ``load_state``, then ``fit``."""
+    """One process's share of a run. Build, optionally ``load_state``, then ``fit``.
+
+    ``model``: the network to train, UNet(model_config) by default (the distiller passes
+    a copy of its teacher; tests, a closed-form family).
+    """
+
+    checkpoint_name = CKPT_NAME
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset,
                  out_dir: str | Path, *, device: torch.device | str = "cpu",
                  info: DistInfo | None = None, bf16: bool = False, progress: bool = True,
-                 resuming: bool = False):
+                 resuming: bool = False, model: torch.nn.Module | None = None):
         expected = (model_config.in_channels, model_config.image_size, model_config.image_size)
         if dataset.image_shape != expected:
             raise ValueError(f"dataset images are [C, H, W] = {list(dataset.image_shape)}, the "
@@ -108,7 +125,7 @@ class Trainer:
                                            resuming=resuming)
 
         torch.manual_seed(train_config.seed)  # the same initial weights on every rank
-        self.model = UNet(model_config).to(self.device)
+        self.model = (UNet(model_config) if model is None else model).to(self.device)
         self.ema = EMA(self.model, train_config.ema_decay, warmup=train_config.ema_warmup)
         # The fused kernel updates every tensor in one call; on a small CPU model the default
         # per-tensor loop costs as much again as clipping and the EMA together.
@@ -159,15 +176,8 @@ class Trainer:
     # === One step ===
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup from 0 to lr over ``warmup`` steps, then constant (the paper) or a
-        cosine decay that reaches 0 at ``steps``."""
-        cfg = self.config
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        if cfg.lr_decay == "cosine":
-            done = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-            return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
-        return cfg.lr
+        """The learning rate of ``step``: :func:`scheduled_lr` over the whole run."""
+        return scheduled_lr(self.config, step, self.config.steps)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_0, t, noise) of this rank at ``step``: a function of (seed, rank, step) alone."""
@@ -192,6 +202,11 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         return x0, t, noise
 
+    def loss(self, net: torch.nn.Module, batch) -> torch.Tensor:
+        """The objective on ``batch`` (what :meth:`batch` returned): L_simple."""
+        x0, t, noise = batch
+        return loss_simple(net, self.st, x0, t, noise)
+
     def train_step(self, net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, grad norm before clipping) as device tensors."""
         step = self.step
@@ -200,10 +215,10 @@ class Trainer:
         torch.manual_seed(derive_seed(self.config.seed, _DROPOUT, self.info.rank, step))
         # Phases are labelled for the profiler (tools/train_bench.py --profile).
         with record_function("data"):
-            x0, t, noise = self.batch(step)
+            batch = self.batch(step)
         with record_function("forward"), \
                 torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = loss_simple(net, self.st, x0, t, noise)
+            loss = self.loss(net, batch)
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("backward"):
             loss.backward()
@@ -223,30 +238,42 @@ class Trainer:
 
     def fit(self) -> None:
         """Train until ``config.steps``, logging, previewing and checkpointing on the way."""
-        cfg, main = self.config, self.info.is_main
+        self.prepare_fit()
+        self.train_until(self.config.steps, self.progress_bar(self.config.steps, self.step))
+
+    def prepare_fit(self) -> None:
+        """Before the first step of a session: the network to step and the run folder
+        (temporaries of a killed save removed, the log cut back to the checkpoint)."""
         if self._net is None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._net = (DistributedDataParallel(self.model, device_ids=ids)
                          if self.info.enabled else self.model)
-        if main:
+        if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.out_dir / CKPT_NAME)  # left by a killed save
+            remove_stale_temporaries(self.out_dir / self.checkpoint_name)  # a killed save's
             _truncate_log(self.out_dir / LOG_NAME, self.step)
-        bar = StepBar(total=cfg.steps, initial=self.step, unit="step", mininterval=1.0,
-                      disable=not (main and self.progress), dynamic_ncols=True)
+
+    def progress_bar(self, total: int, initial: int, desc: str | None = None) -> StepBar:
+        return StepBar(total=total, initial=initial, desc=desc, unit="step", mininterval=1.0,
+                       disable=not (self.info.is_main and self.progress), dynamic_ncols=True)
+
+    def train_until(self, end: int, bar: StepBar) -> None:
+        """Step until ``end``: logs every ``log_every`` steps, checkpoints and previews every
+        ``save_every`` / ``sample_every``, and all three at ``end``. Closes ``bar``."""
+        cfg = self.config
         loss_sum = torch.zeros((), device=self.device)
         norm_sum = torch.zeros((), device=self.device)
         window, window_start = 0, time.perf_counter()
         session_start, elapsed_before = window_start, self.elapsed_s
         try:
-            while self.step < cfg.steps:
+            while self.step < end:
                 loss, grad_norm = self.train_step(self._net)
                 loss_sum += loss
                 norm_sum += grad_norm
                 window += 1
                 bar.update(1)
                 self.elapsed_s = elapsed_before + time.perf_counter() - session_start
-                last = self.step == cfg.steps
+                last = self.step == end
                 if self.step % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     self._log(bar, loss_sum / window, norm_sum / window,
@@ -270,21 +297,19 @@ class Trainer:
             raise DivergedError(f"the loss became {loss_v} by step {self.step}; lower --lr "
                                 "or resume from an earlier checkpoint")
         self.check_finite()
-        record = {"step": self.step, "loss": loss_v, "lr": self.lr_at(self.step - 1),
-                  "grad_norm": norm_v, "steps_per_s": steps_per_s,
+        record = {"step": self.step, **self.log_fields(), "loss": loss_v,
+                  "lr": self.lr_at(self.step - 1), "grad_norm": norm_v,
+                  "steps_per_s": steps_per_s,
                   "images_per_s": steps_per_s * self.config.batch_size,
                   "threads": torch.get_num_threads(),
                   "elapsed_s": self.elapsed_s}
-        # Strict JSON: a non-finite timing (a zero-length window) is written as null.
-        record = {k: v if math.isfinite(v) else None for k, v in record.items()}
         if self.info.is_main:
-            path = self.out_dir / LOG_NAME
-            try:  # appended, not replaced: a line cut short by a crash is dropped on resume
-                with open(path, "a") as f:
-                    f.write(json.dumps(record, allow_nan=False) + "\n")
-            except OSError as err:
-                raise OutputError(describe_os_error(err, path)) from None
+            append_log(self.out_dir / LOG_NAME, record)
             bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)
+
+    def log_fields(self) -> dict[str, Any]:
+        """Fields a subclass adds to every log record, after ``step``."""
+        return {}
 
     def check_finite(self) -> None:
         """Stop on NaN or inf in any gradient so far or in the weights (after the update)."""
@@ -297,7 +322,7 @@ class Trainer:
                                 "with a lower --lr (the last checkpoint is left as it was)")
 
     def save(self) -> Path:
-        path = self.out_dir / CKPT_NAME
+        path = self.out_dir / self.checkpoint_name
         self.check_finite()  # never write a checkpoint that cannot be sampled from
         if self.info.is_main:
             save_checkpoint(path, self.state_dict())
@@ -320,11 +345,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset
           threads: int | None = None) -> Trainer:
     """Run (or continue) training in this process; under torchrun, as one DDP rank."""
     info = dist_info_from_env()
-    torch_device = resolve_device(device, info)
-    if torch_device.type == "cpu":
-        if threads is None and resume_from is not None and "OMP_NUM_THREADS" not in os.environ:
-            threads = _saved_threads(resume_from)
-        set_cpu_threads(info, threads)
+    torch_device = run_device(info, device, resume_from, threads)
     init_process_group(info, torch_device)
     try:
         trainer = Trainer(model_config, train_config, dataset, out_dir, device=torch_device,
@@ -336,6 +357,18 @@ def train(model_config: ModelConfig, train_config: TrainConfig, dataset: Dataset
     finally:
         destroy_process_group()
     return trainer
+
+
+def run_device(info: DistInfo, device: str, resume_from: dict[str, Any] | None,
+               threads: int | None) -> torch.device:
+    """This process's device (resolve_device) and, on the CPU, its threads: ``threads``,
+    else OMP_NUM_THREADS, else a resumed run's own count, else the free cores."""
+    torch_device = resolve_device(device, info)
+    if torch_device.type == "cpu":
+        if threads is None and resume_from is not None and "OMP_NUM_THREADS" not in os.environ:
+            threads = _saved_threads(resume_from)
+        set_cpu_threads(info, threads)
+    return torch_device
 
 
 def _saved_threads(ckpt: dict[str, Any]) -> int | None:
@@ -366,6 +399,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np_state = state["numpy"]
     np.random.set_state((np_state["kind"], np.array(np_state["keys"], dtype=np.uint32),
                          np_state["pos"], np_state["has_gauss"], np_state["cached_gaussian"]))
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    """Append one record to a run's log.jsonl. Strict JSON: a non-finite number (a timing
+    over a zero-length window) is written as null."""
+    record = {k: v if not isinstance(v, float) or math.isfinite(v) else None
+              for k, v in record.items()}
+    try:  # appended, not replaced: a line cut short by a crash is dropped on resume
+        with open(path, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+    except OSError as err:
+        raise OutputError(describe_os_error(err, path)) from None
 
 
 def _logged_step(line: bytes) -> int | None:

@@ -390,12 +390,7 @@ def write_verified(model: torch.nn.Module, record: ModelRecord, out_path: Path, 
         raise ValueError(f"external_data must be one of {EXTERNAL_DATA_CHOICES}, got "
                          f"{external_data!r}")
     proto = to_onnx_proto(model, record, exporter=exporter)
-    weights = _initializer_bytes(proto)
-    if external_data == "no" and weights >= PROTOBUF_LIMIT:
-        raise ValueError(f"the network's weights are {weights / 2**30:.1f} GiB, over the 2 GiB "
-                         "one ONNX file can hold; export with --external-data auto or yes")
-    if external_data == "yes" or (external_data == "auto"
-                                  and weights >= EXTERNAL_DATA_MIN_BYTES):
+    if writes_external_data(_initializer_bytes(proto), external_data):
         return _write_external(model, proto, out_path, tolerance=tolerance,
                                batch_sizes=batch_sizes)
     import onnx
@@ -419,6 +414,15 @@ def write_verified(model: torch.nn.Module, record: ModelRecord, out_path: Path, 
 EXTERNAL_DATA_MIN_BYTES = 100 << 20
 PROTOBUF_LIMIT = 2 << 30
 EXTERNAL_DATA_CHOICES = ("auto", "yes", "no")
+
+
+def writes_external_data(weights: int, choice: str) -> bool:
+    """Whether ``weights`` bytes of tensors go to a data file under ``--external-data
+    choice``; ValueError where one file cannot hold them."""
+    if choice == "no" and weights >= PROTOBUF_LIMIT:
+        raise ValueError(f"the network's weights are {weights / 2**30:.1f} GiB, over the 2 GiB "
+                         "one ONNX file can hold; export with --external-data auto or yes")
+    return choice == "yes" or (choice == "auto" and weights >= EXTERNAL_DATA_MIN_BYTES)
 
 
 def _initializer_bytes(proto) -> int:

@@ -129,14 +129,23 @@ def test_export_writes_external_data_atomically_and_replaces_its_own(tiny_model,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
 
 
-def test_small_networks_stay_one_file_unless_asked(tiny_model, tiny_onnx, tmp_path):
-    from export.onnx_export import write_verified
+def test_only_large_networks_go_to_a_data_file_unless_asked(tiny_model, tiny_onnx, tmp_path):
+    from export.onnx_export import (
+        EXTERNAL_DATA_MIN_BYTES,
+        PROTOBUF_LIMIT,
+        write_verified,
+        writes_external_data,
+    )
     from runtime.backends.ort import read_record
 
-    record = read_record(tiny_onnx)
-    write_verified(tiny_model, record, tmp_path / "m.onnx", tolerance=2e-5, batch_sizes=(1,),
-                   exporter="dynamo")
-    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    small, large = EXTERNAL_DATA_MIN_BYTES - 1, EXTERNAL_DATA_MIN_BYTES
+    assert [writes_external_data(w, "auto") for w in (small, large)] == [False, True]
+    assert writes_external_data(small, "yes") and not writes_external_data(large, "no")
+    with pytest.raises(ValueError, match="over the 2 GiB one ONNX file can hold"):
+        writes_external_data(PROTOBUF_LIMIT, "no")
+    assert writes_external_data(PROTOBUF_LIMIT, "auto")
     with pytest.raises(ValueError, match="external_data must be one of"):
-        write_verified(tiny_model, record, tmp_path / "n.onnx", tolerance=2e-5,
-                       batch_sizes=(1,), exporter="dynamo", external_data="maybe")
+        write_verified(tiny_model, read_record(tiny_onnx), tmp_path / "n.onnx",
+                       tolerance=2e-5, batch_sizes=(1,), exporter="dynamo",
+                       external_data="maybe")
+    assert list(tmp_path.iterdir()) == []

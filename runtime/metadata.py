@@ -75,7 +75,9 @@ class ModelRecord:
         differ = [f"{k} {asked.get(k)}" for k, v in self.defaults.items() if asked.get(k) != v]
         if not differ:
             return None
-        own = ", ".join(f"{k} {v}" for k, v in self.defaults.items())
+        first = ("sampler", "steps", "spacing")
+        keys = sorted(self.defaults, key=lambda k: (first.index(k) if k in first else 3, k))
+        own = ", ".join(f"{k} {self.defaults[k]}" for k in keys)
         return (f"{source} is a student distilled for {own}; sampled with "
                 f"{', '.join(differ)} it gives worse images than with its own (leave those "
                 "options out to use them)")

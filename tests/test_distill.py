@@ -164,7 +164,7 @@ SHAPES_4 = ModelConfig(image_size=4, in_channels=1, ch=8, ch_mult=(1,), num_res_
 
 def test_each_student_reproduces_its_teachers_chain_of_more_steps(tmp_path):
     teacher = gaussian_teacher()
-    plan = DistillConfig(teacher_steps=8, steps=2, round_steps=400)
+    plan = DistillConfig(teacher_steps=8, steps=2, round_steps=250)
     config = plan.train_config(TrainConfig(batch_size=64, preview_count=4), lr=3e-2,
                                warmup=10, ema_decay=0.99, log_every=100, save_every=0)
     distiller = Distiller(teacher, SHAPES_4, config, plan, gaussian_data(), tmp_path,
@@ -177,7 +177,7 @@ def test_each_student_reproduces_its_teachers_chain_of_more_steps(tmp_path):
                                            weights_only=True)["ema"])
         got = run(student, n, "v")
         # Far closer to the 8-step chain than the teacher's own chain at n steps (measured:
-        # 1e-7, float32 rounding; the family holds every student exactly).
+        # 3e-6 against 0.03-0.04; 1e-7, float32's rounding, with 400 steps a round).
         assert rms(got, chain[8]) < 0.01 * rms(chain[n], chain[8]), n
         assert rms(chain[n], chain[8]) > 0.02  # the steps saved were worth saving
     # Not any network of the family would do: the teacher read as a v-network is far off.

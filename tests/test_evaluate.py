@@ -225,6 +225,55 @@ def test_all_command_writes_a_well_formed_report(tiny_onnx, tmp_path):
         assert png.format == "PNG" and png.size[0] > 500
 
 
+def _as_student(onnx_path: Path, path: Path, steps: int) -> Path:
+    """The tiny network's file with a distilled student's record (its weights do not
+    matter to the report's shape)."""
+    import onnx
+
+    proto = onnx.load(onnx_path)
+    entry = next(e for e in proto.metadata_props if e.key == "ddpm")
+    record = json.loads(entry.value)
+    record.update(prediction="v", defaults={"sampler": "ddim", "steps": steps,
+                                            "spacing": "trailing", "eta": 0.0},
+                  distilled={"method": "progressive", "from_steps": 8, "steps": steps,
+                             "teacher_sha256": "0" * 64})
+    entry.value = json.dumps(record)
+    onnx.save(proto, path)
+    return path
+
+
+def test_students_command_sets_each_student_beside_its_teacher(tiny_onnx, tmp_path):
+    out = tmp_path / "eval"
+    student = _as_student(tiny_onnx, tmp_path / "student-2.onnx", 2)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    cmd = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "students", str(tiny_onnx),
+           str(student), "-n", "8", "--refs", "3", "--seeds", "0,1", "--batch-size", "8",
+           "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((out / "students.json").read_text())["table"]
+    rows = [(r["model"], r["sampler"], r["spacing"], r["steps"]) for r in table["rows"]]
+    assert rows == [("teacher", "ddpm", "linspace", 1000), ("teacher", "ddim", "trailing", 8),
+                    ("student (student-2.onnx)", "ddim", "trailing", 2),
+                    ("teacher", "dpmpp_2m", "quadratic", 2),
+                    ("teacher", "dpmpp_2m", "trailing", 2), ("teacher", "ddim", "trailing", 2)]
+    full = table["rows"][0]
+    for r in table["rows"]:
+        assert r["fd"] == pytest.approx(np.mean(r["fd_by_seed"]))
+        assert r["fd_ratio"] == pytest.approx(r["fd"] / full["fd"])
+        assert r["digit_is_diff"] == pytest.approx(r["digit_is"] - full["digit_is"])
+        assert r["speedup"] == pytest.approx(r["images_per_s"] / full["images_per_s"])
+    assert len(table["targets"]) == 1 and table["targets"][0].startswith("2 calls: FD")
+    markdown = (out / "students.md").read_text()
+    assert markdown.count("\n| teacher |") == 5 and "\n| student (student-2.onnx) |" in markdown
+    # The student's own sampler: no warning; a model file that is no student is refused.
+    assert "warning" not in proc.stderr.lower()
+    proc = subprocess.run(cmd[:3] + [str(tiny_onnx), str(tiny_onnx)] + cmd[5:],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "not a distilled student" in errors[0]
+
+
 def test_fid_path_runs_a_local_torchscript_network(tiny_onnx, tmp_path):
     """The --inception-weights plumbing, with a small TorchScript stand-in for Inception:
     it must get uint8 RGB [N, 3, H, W] and be asked for features."""

@@ -89,8 +89,12 @@ def _common(fn):
 
 
 def _model_opts(fn):
+    return click.argument("model", type=click.Path(dir_okay=False, path_type=Path))(
+        _run_opts(fn))
+
+
+def _run_opts(fn):
     for opt in reversed([
-        click.argument("model", type=click.Path(dir_okay=False, path_type=Path)),
         click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="ONNX Runtime CPU threads (default: all cores)"),
@@ -198,10 +202,17 @@ def _table_opts(fn):
                      help="comma-separated samplers for the table"),
         click.option("--nfe", default=",".join(map(str, DEFAULT_NFE)), show_default=True,
                      help="network calls per image for each sampler (the full chain is added)"),
-        click.option("--seeds", default=None,
-                     help="comma-separated seeds to average each row over (default: --seed)"),
         click.option("--spacing", type=click.Choice(SPACINGS), default="linspace",
                      show_default=True, help="which timesteps the shorter chains keep"),
+    ]):
+        fn = opt(fn)
+    return _row_opts(fn)
+
+
+def _row_opts(fn):
+    for opt in reversed([
+        click.option("--seeds", default=None,
+                     help="comma-separated seeds to average each row over (default: --seed)"),
         click.option(
             "--timing-images", type=click.IntRange(min=0), default=0, show_default=True,
             help="time each configuration in a separate best-of-2 run of this many images "
@@ -249,6 +260,46 @@ def _steps_report(pipe, ev, n, seed, batch_size, out, progress, timing_images, s
     write_json(report, out / name)
     report["markdown"] = md
     return report
+
+
+@main.command("students")
+@_common
+@click.argument("teacher", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("students", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path))
+@_run_opts
+@_row_opts
+def students_cmd(teacher, students, n, seed, real, inception_weights, out, refs, batch_size,
+                 threads, progress, seeds, timing_images):
+    """Distilled STUDENTS (model files of training/distill.py's students) against their
+    TEACHER's model file: its full chain, and its fast solvers at each student's calls."""
+    import contextlib
+
+    from .reports import students_markdown
+    from .students import students_table
+
+    out = out or Path("out/eval-students")
+    seeds = _int_list(seeds, "seeds", minimum=0) if seeds else (seed,)
+    with contextlib.ExitStack() as stack:
+        teacher_pipe = stack.enter_context(_open(teacher, threads))
+        pipes = [stack.enter_context(_open(path, threads)) for path in students]
+        for path, pipe in zip(students, pipes, strict=True):
+            if pipe.record.distilled is None:
+                raise click.BadParameter(f"{path} is not a distilled student (its record has "
+                                         "no 'distilled' entry)", param_hint="STUDENTS")
+        ev = _evaluator(teacher_pipe.record, n, real, inception_weights, refs)
+        baselines = ev.baselines(seed)
+        table = students_table(teacher_pipe, pipes, ev, n, seeds, batch_size, out / "samples",
+                               progress, timing_images)
+    md = students_markdown(table, baselines, n)
+    write_json({"teacher": str(teacher), "students": [str(p) for p in students], "n": n,
+                "metric": ev.metric, "baselines": baselines, "table": table,
+                "environment": environment()}, out / "students.json")
+    from runtime.util.fileio import write_text
+
+    write_text(out / "students.md", md)
+    click.echo(md)
+    click.echo(f"report: {out / 'students.json'}, {out / 'students.md'}")
 
 
 @main.command("all")

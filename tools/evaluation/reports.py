@@ -21,22 +21,12 @@ def steps_markdown(table: dict, baselines: dict, n: int) -> str:
                                   "digit-IS"] if has_fd else []) + ["images/s", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["sampler"].upper(), str(r["steps"])]
-        if has_fd:
-            cells += [f"{r['fd']:.2f} ± {r['fd_std']:.2f}", f"{r['fd_ratio']:.2f}",
-                      f"{r['digit_is']:.2f}" if "digit_is" in r else "-"]
-        cells += [f"{r['images_per_s']:.3g}", f"{r['speedup']:.1f}x"]
+        cells = [r["sampler"].upper(), str(r["steps"]), *_measured(r, has_fd)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"N = {n} per seed, seeds {', '.join(map(str, seeds))}; timesteps spaced "
                  f"{table.get('spacing', 'linspace')}.")
-    if has_fd and "real_vs_real" in baselines:
-        lines.append(f"Each FD is the mean over the seeds of the mean over {baselines['refs']} "
-                     "random reference halves of the real pool. Baselines at the same N: real "
-                     f"vs real (floor) {baselines['real_vs_real']:.2f} ± "
-                     f"{baselines['real_vs_real_std']:.2f}, Gaussian fitted to the pixels "
-                     f"{baselines['gaussian']:.2f} ± {baselines['gaussian_std']:.2f}.")
-    lines.append(f"images/s: {table['timing']}, on {cpu_count()} CPU cores (ONNX Runtime).")
+    lines += _notes(table, baselines, has_fd)
     rec = table.get("recommended")
     if rec:
         lines.append(f"Recommended ({table['rule']}): {rec['sampler'].upper()} with "
@@ -44,6 +34,49 @@ def steps_markdown(table: dict, baselines: dict, n: int) -> str:
                      f"the {T}-step FD), {rec['speedup']:.1f}x faster measured "
                      f"({rec['nominal_speedup']:.0f}x fewer network calls).")
     return "\n".join(lines) + "\n"
+
+
+def students_markdown(table: dict, baselines: dict, n: int) -> str:
+    """Students and their teacher: one row per model, sampler, timesteps and NFE."""
+    rows, T = table["rows"], table["full_steps"]
+    has_fd = "fd" in rows[0]
+    seeds = table["seeds"]
+    head = ["model", "sampler", "timesteps", "NFE"] + (
+        [f"FD (± over {len(seeds)} seeds)", f"FD / FD({T})", "digit-IS"] if has_fd else []
+    ) + ["images/s", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["sampler"].upper(), r["spacing"] if r["steps"] < T else "all",
+                 str(r["steps"]), *_measured(r, has_fd, is_spread=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"N = {n} per seed, seeds {', '.join(map(str, seeds))}.")
+    lines += _notes(table, baselines, has_fd)
+    lines += [f"Target at {t}" for t in table.get("targets", ())]
+    return "\n".join(lines) + "\n"
+
+
+def _measured(r: dict, has_fd: bool, is_spread: bool = False) -> list[str]:
+    """A row's measured cells: FD ± its spread over seeds, FD ratio, digit-IS (± its
+    spread with ``is_spread``), images/s and speed-up."""
+    cells = []
+    if has_fd:
+        spread = f" ± {r['digit_is_std']:.2f}" if is_spread and "digit_is_std" in r else ""
+        cells += [f"{r['fd']:.2f} ± {r['fd_std']:.2f}", f"{r['fd_ratio']:.2f}",
+                  f"{r['digit_is']:.2f}{spread}" if "digit_is" in r else "-"]
+    return cells + [f"{r['images_per_s']:.3g}", f"{r['speedup']:.1f}x"]
+
+
+def _notes(table: dict, baselines: dict, has_fd: bool) -> list[str]:
+    lines = []
+    if has_fd and "real_vs_real" in baselines:
+        lines.append(f"Each FD is the mean over the seeds of the mean over {baselines['refs']} "
+                     "random reference halves of the real pool. Baselines at the same N: real "
+                     f"vs real (floor) {baselines['real_vs_real']:.2f} ± "
+                     f"{baselines['real_vs_real_std']:.2f}, Gaussian fitted to the pixels "
+                     f"{baselines['gaussian']:.2f} ± {baselines['gaussian_std']:.2f}.")
+    lines.append(f"images/s: {table['timing']}, on {cpu_count()} CPU cores (ONNX Runtime).")
+    return lines
 
 
 def plot_steps(table: dict, baselines: dict, path: Path) -> Path:

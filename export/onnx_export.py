@@ -390,6 +390,13 @@ def write_verified(model: torch.nn.Module, record: ModelRecord, out_path: Path, 
         raise ValueError(f"external_data must be one of {EXTERNAL_DATA_CHOICES}, got "
                          f"{external_data!r}")
     proto = to_onnx_proto(model, record, exporter=exporter)
+    return write_proto_verified(model, proto, out_path, tolerance=tolerance,
+                                batch_sizes=batch_sizes, external_data=external_data)
+
+
+def write_proto_verified(model: torch.nn.Module, proto, out_path: Path, *, tolerance: float,
+                         batch_sizes, external_data: str = "auto") -> Verification:
+    """Write the ONNX ``proto`` of ``model`` as :func:`write_verified` does."""
     if writes_external_data(_initializer_bytes(proto), external_data):
         return _write_external(model, proto, out_path, tolerance=tolerance,
                                batch_sizes=batch_sizes)

@@ -25,14 +25,15 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dataclasses  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import click  # noqa: E402
-import torch  # noqa: E402
 
 from runtime.util.fileio import OutputError, atomic_output, check_output  # noqa: E402
 from training.config import PRESETS, ModelConfig, preset  # noqa: E402
-from training.data import load_dataset  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+
+if TYPE_CHECKING:
+    from training.trainer import Trainer
 
 PHASES = ("data", "forward", "backward", "clip", "optimizer", "ema")
 
@@ -54,6 +55,8 @@ def cpu_description() -> str:
 
 
 def run_steps(trainer: Trainer, threads: int, steps: int) -> float:
+    import torch
+
     """Seconds for ``steps`` optimizer steps at ``threads`` intra-op threads."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -64,6 +67,8 @@ def run_steps(trainer: Trainer, threads: int, steps: int) -> float:
 
 def profile_phases(trainer: Trainer, threads: int, steps: int) -> dict[str, float]:
     """Milliseconds per step in each labelled phase of Trainer.train_step."""
+    import torch
+
     torch.set_num_threads(threads)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -102,6 +107,10 @@ def main(preset_name, data, threads_text, steps, rounds, variants, profile, out)
     networks = {"preset": model_config}
     for text in variants:
         networks[text] = _variant(model_config, text)
+    # Imported once the arguments are checked: a bad one is refused without loading torch.
+    from training.data import load_dataset
+    from training.trainer import Trainer
+
     dataset = load_dataset(data, model_config.image_size, model_config.in_channels)
     contenders = [(name, n) for name in networks for n in counts]
     with tempfile.TemporaryDirectory() as tmp:

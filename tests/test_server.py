@@ -554,3 +554,34 @@ def test_bad_edit_requests_name_the_field(server, local):
         assert b"Traceback" not in reply and "\n" not in error["error"]
         if field:
             assert error.get("field") == field, (kind, list(body), error)
+
+
+def test_a_student_asked_for_other_steps_is_served_with_a_warning(tiny_onnx, tmp_path):
+    """A distilled student's own sampling (its record's defaults) comes without a warning;
+    other steps are served and the echo carries the one-line warning."""
+    import onnx
+
+    from runtime.metadata import METADATA_KEY
+
+    if NO_EXTRA:
+        pytest.skip("the server extra is not installed (pip install .[serve])")
+    proto = onnx.load(str(tiny_onnx))
+    entry = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    record = json.loads(entry.value)
+    record["defaults"] = {"sampler": "ddim", "steps": 4, "spacing": "trailing", "eta": 0.0}
+    record["distilled"] = {"method": "progressive", "from_steps": 8, "steps": 4,
+                           "teacher_sha256": "0" * 64}
+    entry.value = json.dumps(record)
+    student = tmp_path / "student.onnx"
+    onnx.save(proto, str(student))
+    srv = Server(student, "--max-batch", "4")
+    try:
+        status, headers, _ = srv.request("POST", "/v1/samples", {"n": 1, "seed": 0})
+        echo = json.loads(headers["x-sample-options"])
+        assert status == 200 and echo["steps"] == 4 and "warning" not in echo
+        status, headers, _ = srv.request("POST", "/v1/samples", {"n": 1, "steps": 8})
+        warning = json.loads(headers["x-sample-options"])["warning"]
+        assert status == 200 and "student distilled for sampler ddim, steps 4" in warning
+        assert "steps 8" in warning and "\n" not in warning
+    finally:
+        assert srv.stop() == 0, "".join(srv.stderr)

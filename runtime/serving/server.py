@@ -383,6 +383,10 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
             return error("invalid_field", str(err), field=err.field)
         echo = {"id": job.id, "n": job.n, "seed": job.seed, **job.options.to_dict(),
                 **(job.edit.to_dict() if job.edit is not None else {})}
+        # A distilled student asked for other sampling than its own: served, and said.
+        off = scheduler.record.off_distillation(job.options, "this model")
+        if off is not None:
+            echo["warning"] = off
         if req["stream"]:
             return StreamingResponse(_events(job, finished, progress, req["format"], echo),
                                      media_type="text/event-stream",

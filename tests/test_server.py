@@ -556,6 +556,7 @@ def test_bad_edit_requests_name_the_field(server, local):
             assert error.get("field") == field, (kind, list(body), error)
 
 
+@pytest.mark.slow  # a server process of its own
 def test_a_student_asked_for_other_steps_is_served_with_a_warning(tiny_onnx, tmp_path):
     """A distilled student's own sampling (its record's defaults) comes without a warning;
     other steps are served and the echo carries the one-line warning."""

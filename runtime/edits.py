@@ -145,9 +145,9 @@ class Img2Img(Edit):
         shape = image.shape
         start = None  # the whole chain: x_T is pure noise, as in sampling
         if k < schedule.num_timesteps:
-            i = k - 1  # q(x_t | x_0) at the first step run, with the first draw of the stream
-            start = (schedule.sqrt_alphas_cumprod[i] * image.astype(np.float64)
-                     + schedule.sqrt_one_minus_alphas_cumprod[i] * draw_noise(noise, shape))
+            # q(x_t | x_0) at the first step run (k - 1), with the first draw of the stream.
+            start = schedule.q_sample(image.astype(np.float64), k - 1,
+                                      draw_noise(noise, shape))
         return Run(schedule.first(k), options, shape, noise, start=start, keep_x0=keep_x0,
                    **run_kwargs(record))
 

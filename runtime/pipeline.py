@@ -249,11 +249,9 @@ class Pipeline:
         if k == 0:
             raise OptionError("strength", f"strength {strength} keeps no step of the chain; "
                               "raise it")
-        i = k - 1
-        noise = ImageNoise(seed, [0])
-        z = draw_noise(noise, (1, *self.image_shape))[0].astype(np.float64)
-        noised = (schedule.sqrt_alphas_cumprod[i] * pair
-                  + schedule.sqrt_one_minus_alphas_cumprod[i] * z)
+        # Both with the same draw, the first of stream (seed, 0), as img2img noises one image.
+        z = draw_noise(ImageNoise(seed, [0]), (1, *self.image_shape))
+        noised = schedule.q_sample(pair.astype(np.float64), k - 1, np.concatenate([z, z]))
         mixes = ((1.0 - weights)[:, None, None, None] * noised[0]
                  + weights[:, None, None, None] * noised[1]).astype(np.float32)
 

@@ -28,7 +28,7 @@ import numpy as np
 from .errors import OptionError
 from .metadata import ModelRecord
 from .options import Option, SampleOptions, show_value
-from .run import Run
+from .run import Run, run_kwargs
 from .samplers.base import sampler_class
 from .samplers.noise import Noise, draw_noise
 from .schedule import Schedule
@@ -96,12 +96,6 @@ class Edit:
                  noise: Noise, record: ModelRecord, *, keep_x0: bool = False) -> Run:
         """The run for images lo..hi-1 of this request (noise: their streams)."""
         raise NotImplementedError
-
-
-def run_kwargs(record: ModelRecord) -> dict[str, Any]:
-    """How a model's record asks to step: its clip range and what its network predicts."""
-    return {"clip_range": record.data_range if record.clip_x0 else None,
-            "prediction": record.prediction}
 
 
 class Finished:

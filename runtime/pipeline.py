@@ -21,14 +21,13 @@ from .edits import (
     edit_class,
     images_from_uint8,
     mask_from_array,
-    run_kwargs,
     slerp,
 )
 from .errors import Cancelled, OptionError, StudentSamplingWarning, check_int
 from .images import to_uint8
 from .metadata import ModelRecord
 from .options import SEED, N, SampleOptions
-from .run import Run
+from .run import Run, image_run, run_kwargs
 from .samplers import ImageNoise, draw_noise
 from .stepmath import eps_from_output
 
@@ -109,9 +108,8 @@ class Pipeline:
         schedule = opts.respace(self.schedule)
 
         def make_run(lo, hi, keep_x0):
-            noise = ImageNoise(seed, range(first_index + lo, first_index + hi))
-            return Run(schedule, opts, (hi - lo, *self.image_shape), noise, keep_x0=keep_x0,
-                       **run_kwargs(self.record))
+            return image_run(schedule, opts, self.record, seed,
+                             range(first_index + lo, first_index + hi), keep_x0=keep_x0)
 
         with self._call():
             return self._drive(n, make_run, schedule.num_timesteps,

@@ -18,7 +18,7 @@ import numpy as np
 from .errors import NonFiniteError
 from .options import SampleOptions
 from .samplers.base import sampler_class
-from .samplers.noise import Noise, draw_noise
+from .samplers.noise import ImageNoise, Noise, draw_noise
 from .schedule import Schedule
 from .stepmath import PREDICTIONS, eps_from_output, predict_x0
 
@@ -118,3 +118,18 @@ class Run:
                         s.sqrt_recipm1_alphas_cumprod[index], self.clip,
                         np.empty(self.shape), np.empty(self.shape))
         return x0.astype(np.float32)
+
+
+def run_kwargs(record) -> dict:
+    """How a model's record (:class:`~runtime.metadata.ModelRecord`) asks to step: its clip
+    range and what its network predicts."""
+    return {"clip_range": record.data_range if record.clip_x0 else None,
+            "prediction": record.prediction}
+
+
+def image_run(schedule: Schedule, options: SampleOptions, record, seed: int,
+              indices: range, *, keep_x0: bool = False) -> Run:
+    """The run that draws images ``indices`` of ``seed`` with the model of ``record``: the
+    one the library and the batch scheduler both step."""
+    return Run(schedule, options, (len(indices), *record.image_shape),
+               ImageNoise(seed, indices), keep_x0=keep_x0, **run_kwargs(record))

@@ -23,11 +23,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..edits import Edit, run_kwargs
+from ..edits import Edit
 from ..errors import Cancelled, OptionError, QueueFull, RequestIdInUse, ShuttingDown, check_int
 from ..metadata import ModelRecord
 from ..options import SEED, N, SampleOptions, show_value
-from ..run import Run
+from ..run import Run, image_run
 from ..samplers import ImageNoise
 from ..schedule import Schedule
 
@@ -115,13 +115,13 @@ class Job:
 
     def make_run(self, schedule: Schedule, lo: int, hi: int, record: ModelRecord) -> Run:
         """The run for images lo..hi-1: the sampler's, or the edit's."""
-        noise = ImageNoise(self.seed, range(lo, hi))
         keep_x0 = self.previews > 0
         if self.edit is not None:
-            return self.edit.make_run(schedule, self.options, lo, hi, noise, record,
+            return self.edit.make_run(schedule, self.options, lo, hi,
+                                      ImageNoise(self.seed, range(lo, hi)), record,
                                       keep_x0=keep_x0)
-        return Run(schedule, self.options, (hi - lo, *self.image_shape), noise,
-                   keep_x0=keep_x0, **run_kwargs(record))
+        return image_run(schedule, self.options, record, self.seed, range(lo, hi),
+                         keep_x0=keep_x0)
 
     def report_preview(self, lo: int, run) -> None:
         """Hand ``on_preview(job, lo, x0)`` the x_0 predicted for images lo.. at this step,

@@ -92,6 +92,12 @@ class BadRequest(Exception):
         super().__init__(message)
         self.code, self.field = code, field
 
+    @classmethod
+    def of(cls, err: OptionError) -> BadRequest:
+        """The answer to a bad field: 400 for a wrong type, 422 for a wrong value."""
+        return cls(str(err), "bad_request" if err.kind == "type" else "invalid_field",
+                   err.field)
+
 
 def error(code: str, message: str, *, field: str | None = None, **headers) -> JSONResponse:
     body = {"error": message, "code": code}
@@ -138,8 +144,7 @@ def parse_request(body, defaults=None, *, extra=()) -> dict:
         # No seed: one is drawn and echoed, so the images can be made again.
         req["seed"] = secrets.randbits(63) if seed is None else SEED.check(seed)
     except OptionError as err:
-        raise BadRequest(str(err), "bad_request" if err.kind == "type" else "invalid_field",
-                         err.field) from None
+        raise BadRequest.of(err) from None
     fmt = body.get("format", "grid")
     if fmt not in FORMATS:
         raise BadRequest(f"unknown format {show_value(fmt)}; expected one of {FORMATS}",
@@ -159,8 +164,7 @@ def parse_request(body, defaults=None, *, extra=()) -> dict:
     try:
         req["previews"] = PREVIEWS.check(previews)
     except OptionError as err:
-        raise BadRequest(str(err), "bad_request" if err.kind == "type" else "invalid_field",
-                         "previews") from None
+        raise BadRequest.of(err) from None
     if req["previews"] and not stream:
         raise BadRequest("previews are sent as stream events; set \"stream\": true",
                          field="previews")
@@ -199,8 +203,7 @@ def parse_edit(kind: str, body: dict, scheduler: BatchScheduler) -> dict:
             mask = mask_from_array(decode_png(body["mask"], shape, "mask", mask=True), shape)
         edit = cls(images, mask=mask, **{k: body[k] for k in own if body.get(k) is not None})
     except OptionError as err:
-        raise BadRequest(str(err), "bad_request" if err.kind == "type" else "invalid_field",
-                         err.field) from None
+        raise BadRequest.of(err) from None
     except ValueError as err:  # the pixels: size, channels, a mask that is not binary
         raise BadRequest(str(err), "invalid_field",
                          "mask" if str(err).startswith("mask") else "image") from None

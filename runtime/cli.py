@@ -86,17 +86,26 @@ def _options(sampling: dict, defaults=None) -> SampleOptions:
     return SampleOptions.make(**sampling, defaults=defaults)
 
 
+def _image_outputs(default: Path):
+    """Where a command's images go (-o grid, --npz, --each), its batch size and progress
+    bar: the same flags for every command that writes images."""
+    def decorate(fn):
+        fn = click.option("--progress/--no-progress", default=True, show_default=True)(fn)
+        fn = click.option("--each", type=click.Path(file_okay=False, path_type=Path),
+                          default=None, help="also write one PNG per image into this folder")(fn)
+        fn = click.option("--npz", type=click.Path(dir_okay=False, path_type=Path),
+                          default=None,
+                          help="also write uint8 images [n, H, W, C] under key 'images'")(fn)
+        fn = click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+                          default=default, show_default=True, help="PNG grid")(fn)
+        return click.option("--batch-size", type=click.IntRange(min=1), default=None)(fn)
+    return decorate
+
+
 @main.command("sample")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_sampling_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("samples.png"), show_default=True, help="PNG grid")
-@click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="also write uint8 images [n, H, W, C] under key 'images'")
-@click.option("--each", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="also write one PNG per image into this folder")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@_image_outputs(Path("samples.png"))
 @_backend_options
 def sample_cmd(model, n, seed, batch_size, out, npz, each, progress, backend, device, threads,
                **sampling):

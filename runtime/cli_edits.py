@@ -18,6 +18,7 @@ from .cli import (
     _backend_options,
     _check_outputs,
     _check_suffix,
+    _image_outputs,
     _options,
     _write_images,
     main,
@@ -39,18 +40,6 @@ def _edit_flags(kind: str):
             fn = flag(option, None, f"{option.help} (default {option.default})")(fn)
         return fn
     return decorate
-
-
-def _outputs(fn):
-    fn = click.option("--progress/--no-progress", default=True, show_default=True)(fn)
-    fn = click.option("--each", type=click.Path(file_okay=False, path_type=Path), default=None,
-                      help="also write one PNG per image into this folder")(fn)
-    fn = click.option("--npz", type=_IMAGE, default=None,
-                      help="also write uint8 images [n, H, W, C] under key 'images'")(fn)
-    fn = click.option("-o", "--out", type=_IMAGE, default=Path("edited.png"),
-                      show_default=True, help="PNG grid")(fn)
-    fn = click.option("--batch-size", type=click.IntRange(min=1), default=None)(fn)
-    return fn
 
 
 def _request(fn):
@@ -106,7 +95,7 @@ def _edit(kind: str, model, image, mask, n, seed, batch_size, out, npz, each, pr
 @click.argument("image", type=_IMAGE)
 @_request
 @_edit_flags("img2img")
-@_outputs
+@_image_outputs(Path("edited.png"))
 @_backend_options
 def img2img_cmd(model, image, n, seed, batch_size, out, npz, each, progress, backend, device,
                 threads, strength, **sampling):
@@ -124,7 +113,7 @@ def img2img_cmd(model, image, n, seed, batch_size, out, npz, each, progress, bac
               "filled in")
 @_request
 @_edit_flags("inpaint")
-@_outputs
+@_image_outputs(Path("edited.png"))
 @_backend_options
 def inpaint_cmd(model, image, mask, n, seed, batch_size, out, npz, each, progress, backend,
                 device, threads, jump_length, resamples, **sampling):
@@ -174,7 +163,7 @@ def invert_cmd(model, image, steps, spacing, out, progress, backend, device, thr
 @click.argument("model", type=_IMAGE)
 @click.argument("latents", type=_IMAGE)
 @_chain_flags
-@_outputs
+@_image_outputs(Path("edited.png"))
 @_backend_options
 def decode_cmd(model, latents, steps, spacing, batch_size, out, npz, each, progress, backend,
                device, threads):

@@ -13,7 +13,6 @@ OUT/bench.json and OUT/bench.md.
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -152,13 +151,9 @@ def matmul_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
 
 
 def machine() -> str:
-    name = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("model name")]
-        name = models[0] if models else name
-    return f"{name}, {cpu_count()} cores"
+    from tools.loadtesting.report import cpu_name
+
+    return f"{cpu_name()}, {cpu_count()} cores"
 
 
 def _time(fn) -> float:

@@ -29,6 +29,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tools.loadtesting.report import cpu_name  # noqa: E402
+
 CONTENDERS = ("runtime", "diffusers")
 SOLVER_STEPS = 10
 
@@ -88,13 +90,6 @@ def worker(contender: str, folder: Path, onnx: Path, batch: int, threads: int,
             sample_s = time.perf_counter() - start
     return {"call_s": statistics.median(times), "sample_s": sample_s,
             "peak_rss_mib": peak_rss_mib()}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 @click.command()

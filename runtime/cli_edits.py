@@ -79,10 +79,8 @@ def _edit(kind: str, model, image, mask, n, seed, batch_size, out, npz, each, pr
         edit = pipe.make_edit(kind, pixels, mask=keep, n=n, options=params)
         each_png = _check_outputs(out, npz, each, edit.n, inputs=inputs)
         start = time.perf_counter()
-        images = to_uint8(pipe.edit_float(kind, pixels, seed, mask=keep, n=n,
-                                          batch_size=batch_size, progress=progress,
-                                          **options.to_dict(), **params),
-                          pipe.record.data_range)
+        images = to_uint8(pipe.run_edit(edit, seed, batch_size=batch_size, progress=progress,
+                                        **options.to_dict()), pipe.record.data_range)
         seconds = time.perf_counter() - start
     _write_images(images, seed, out, npz, each, each_png)
     what = ", ".join(f"{k} {v}" for k, v in edit.params.items())

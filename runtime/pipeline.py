@@ -129,9 +129,19 @@ class Pipeline:
         the edit's own (``strength``; ``jump_length``, ``resamples``) and the sampler's.
         Image k depends on (seed, k) only; the rest is as :meth:`sample_float`."""
         edit = self.make_edit(kind, images, mask=mask, n=n, options=options)
-        sampling = {k: v for k, v in options.items() if k not in edit.params}
+        return self.run_edit(edit, seed, sampler=sampler, steps=steps, spacing=spacing,
+                             batch_size=batch_size, progress=progress, callback=callback,
+                             cancel=cancel, previews=previews,
+                             **{k: v for k, v in options.items() if k not in edit.params})
+
+    def run_edit(self, edit: Edit, seed: int = 0, *, sampler: str | None = None,
+                 steps: int | None = None, spacing: str | None = None,
+                 batch_size: int | None = None, progress: bool = True, callback=None,
+                 cancel=None, previews: int = 0, **options) -> np.ndarray:
+        """:meth:`edit_float` for an edit :meth:`make_edit` has already checked;
+        ``options``: the sampler's."""
         opts = SampleOptions.make(sampler, steps, spacing, defaults=self.record.defaults,
-                                  **sampling)
+                                  **options)
         edit.check(opts)
         self._check_request(edit.n, seed, BYTES_PER_VALUE_FLOAT)
         schedule = opts.respace(self.schedule)
@@ -142,7 +152,7 @@ class Pipeline:
 
         with self._call():
             return self._drive(edit.n, make_run, edit.calls(schedule, self.record),
-                               f"{kind} {opts.sampler}", batch_size=batch_size,
+                               f"{edit.name} {opts.sampler}", batch_size=batch_size,
                                progress=progress, callback=callback, cancel=cancel,
                                previews=previews)
 

@@ -39,7 +39,7 @@ import torch
 from export.rewrites import REWRITES, deploy_form
 from export.verification import Verification
 from runtime.metadata import METADATA_KEY, ModelRecord, sha256_file
-from runtime.util.fileio import atomic_output, check_output
+from runtime.util.fileio import atomic_output, check_free_space, check_output, fsync_dir, fsync_file
 
 # Exporter name -> what the record calls it, and the opset it writes.
 EXPORTERS = {"dynamo": "torch.onnx (torch.export)", "torchscript": "torch.onnx (TorchScript)"}
@@ -389,6 +389,10 @@ def write_verified(model: torch.nn.Module, record: ModelRecord, out_path: Path, 
     if external_data not in EXTERNAL_DATA_CHOICES:
         raise ValueError(f"external_data must be one of {EXTERNAL_DATA_CHOICES}, got "
                          f"{external_data!r}")
+    # The file holds every weight: a disk without room for them fails now, not after a
+    # trace that takes minutes for the 256x256 network.
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    check_free_space(out_path, weights, "the model's weights", option="-o/--out")
     proto = to_onnx_proto(model, record, exporter=exporter)
     return write_proto_verified(model, proto, out_path, tolerance=tolerance,
                                 batch_sizes=batch_sizes, external_data=external_data)
@@ -464,7 +468,6 @@ def _write_external(model: torch.nn.Module, proto, out_path: Path, *, tolerance:
     import onnx
 
     from runtime.backends.onnx_files import external_data_names
-    from runtime.util.fileio import _fsync_dir, _fsync_file
 
     folder = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
@@ -489,7 +492,7 @@ def _write_external(model: torch.nn.Module, proto, out_path: Path, *, tolerance:
         staged.write_bytes(proto.SerializeToString())
         onnx.checker.check_model(str(staged), full_check=True)
         for path in (staged, folder / name):
-            _fsync_file(path)
+            fsync_file(path)
         check = verify_onnx(model, staged, batch_sizes=batch_sizes, tolerance=tolerance)
         if not check.ok:
             bad = unverified_path(out_path)
@@ -502,7 +505,7 @@ def _write_external(model: torch.nn.Module, proto, out_path: Path, *, tolerance:
                 old = external_data_names(out_path)
         os.replace(folder / name, out_path.parent / name)
         os.replace(staged, out_path)
-        _fsync_dir(out_path.parent)
+        fsync_dir(out_path.parent)
         prefix = f"{out_path.stem}."
         for stale in old:  # only a data file an export of this name wrote
             if stale != name and "/" not in stale and stale.startswith(prefix) \

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import stat
 import uuid
 from collections.abc import Iterable, Iterator
@@ -183,7 +184,7 @@ def temporary_path(path) -> Path:
                           f"{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -191,7 +192,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -211,6 +212,20 @@ def describe_os_error(err: OSError, path) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{path}: permission denied; choose a writable output path"
     return f"{path}: cannot write ({err.strerror or err}); choose another output path"
+
+
+def check_free_space(path, nbytes: int, what: str, option: str = "output") -> None:
+    """Before a long job whose output is about ``nbytes``: refuse now if the device that will
+    hold ``path`` has less free, rather than fail at the write, after the work."""
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if free < nbytes:
+        mib = 1 << 20
+        raise OutputError(f"{option} {path}: no space left on the device for {what} (about "
+                          f"{-(-nbytes // mib)} MiB, {free // mib} MiB free); free some space "
+                          "or write elsewhere")
 
 
 def check_existing_targets(folder, is_target, option: str | None = None) -> None:
@@ -269,7 +284,7 @@ class OutputSet:
         for tmp, path in self._pending.items():
             if not tmp.exists():
                 raise OutputError(f"{path}: the writer produced no file")
-            _fsync_file(tmp)
+            fsync_file(tmp)
         # Every target is checked before the first rename: a folder (or a read-only file)
         # under the 1000th name must not leave the first 999 already replaced.
         by_folder: dict[Path, set[str]] = {}
@@ -281,7 +296,7 @@ class OutputSet:
         for tmp, path in self._pending.items():
             os.replace(tmp, path)
         for folder in {path.parent for path in self._pending.values()}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
 
     def _discard(self) -> None:
         for tmp in self._pending:

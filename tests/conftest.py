@@ -34,6 +34,7 @@ ONE_WORKER = {
     "tests/test_to_diffusers.py": "to_diffusers",
     "tests/test_export.py::test_export_is_deterministic": "cli_export",
     "tests/test_export.py::test_cli_export_prints_verification": "cli_export",
+    "tests/test_export.py::test_to_trt_without_tensorrt_writes_onnx_and_exits_3": "cli_export",
 }
 
 # Whole modules that belong to the full suite only (`make test`), not the fast subset

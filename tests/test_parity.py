@@ -32,8 +32,9 @@ from training.reference import reference_sample
 EPS_TOLERANCE = DEFAULT_TOLERANCE  # relative to max |eps|: export's own verification bound
 
 
+# The digits preset is not among them: its layers are the tiny network's (every parity test
+# below) with cifar10's two residual blocks per level.
 @pytest.mark.parametrize("name, batch_sizes", [
-    ("digits", (1, 3)),
     ("cifar10", (1, 3)),
     # The deepest preset (six levels, 113.7M parameters) at 32x32 instead of 256x256: every
     # layer and weight is the same (the last level runs on 1x1 maps) and attention still

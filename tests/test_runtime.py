@@ -393,17 +393,15 @@ def test_close_while_another_thread_samples_lets_that_call_finish(tiny_onnx):
         pipe.sample(2, 0, steps=2, progress=False)
 
 
-@pytest.mark.slow  # an export
-def test_a_network_of_large_operators_threads_them_with_the_same_eps(tiny_model, tmp_path):
+def test_a_network_of_large_operators_threads_them_with_the_same_eps(tiny_onnx, tmp_path):
     """A record claiming >= WIDE_MIN_FLOPS per image: one session whose operators take the
     threads (no shards, one copy of the weights), and the same eps as one thread; a batch
     over HEAVY_CALL_FLOPS runs in slices, each row's eps what it is alone."""
     from runtime.backends.ort import HEAVY_CALL_FLOPS, WIDE_MIN_FLOPS, OrtBackend
-    from tests.conftest import export_model
 
     assert HEAVY_CALL_FLOPS / 2 >= WIDE_MIN_FLOPS
-    heavy = export_model(tiny_model, tmp_path / "heavy.onnx",
-                         flops_per_image=int(HEAVY_CALL_FLOPS / 2))
+    heavy = _rewrite_record(tiny_onnx, tmp_path / "heavy.onnx",
+                            lambda r: {**r, "flops_per_image": int(HEAVY_CALL_FLOPS / 2)})
     x = np.random.default_rng(0).standard_normal((5, 1, 8, 8), dtype=np.float32)
     t = np.array([0, 250, 500, 750, 999], np.float32)
     with OrtBackend(heavy, threads=2) as wide, OrtBackend(heavy, threads=1) as one:

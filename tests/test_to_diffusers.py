@@ -56,10 +56,12 @@ def test_diffusers_loads_the_folder_with_the_checkpoints_eps(random_ckpt, folder
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     assert pipe.scheduler.config.variance_type == "fixed_large"
     # An existing folder with files in it is never written into.
-    again = subprocess.run([sys.executable, str(ROOT / "export" / "to_diffusers.py"),
-                            str(random_ckpt), str(out)], capture_output=True, text=True,
-                           cwd=ROOT)
-    assert again.returncode == 2 and "not an empty folder" in again.stderr
+    from click.testing import CliRunner
+
+    from export.to_diffusers import main
+
+    again = CliRunner().invoke(main, [str(random_ckpt), str(out)])
+    assert again.exit_code == 2 and "not an empty folder" in again.output
 
 
 def test_round_trip_through_diffusers_samples_the_same_images(random_ckpt, folder, tmp_path):

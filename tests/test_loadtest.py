@@ -38,7 +38,12 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
         assert s["errors"] == 0 and s["lost"] == 0, report["runs"]
         # Served rows against the network alone at full batch: positive and bounded.
         assert 0 < s["efficiency"] < 3 and s["network_best_rows_per_s"] > 0
+        assert 0 < s["efficiency_with_drain"] < 3
     for run_ in report["runs"]:
+        sat = run_["saturation"]
+        # The window before the drain is part of the phase, its rows part of the phase's.
+        assert 0 < sat["steady_seconds"] <= sat["seconds"]
+        assert 0 < sat["steady_rows_per_s"] * sat["steady_seconds"] <= sat["rows"]
         load = run_["load"]
         assert load["exit_code"] == 0 and load["server_agrees"]
         # Every request ended one known way; the server counted the same successes (but

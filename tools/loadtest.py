@@ -100,7 +100,10 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
             finally:
                 server.stop()
             click.echo(f"[{rep}] {mode} saturation: {sat[mode]['images_per_s']:.1f} images/s, "
-                       f"fill {sat[mode]['batch_fill']:.2f}", err=True)
+                       f"fill {sat[mode]['batch_fill']:.2f}; until the drain "
+                       f"{sat[mode]['steady_rows_per_s']:.0f} rows/s, fill "
+                       f"{sat[mode]['steady_fill']:.2f}, busy {sat[mode]['steady_busy']:.2f}",
+                       err=True)
         if rate is None:
             rate = load * sat["serial"]["requests_per_s"]
         for mode in order:
@@ -119,7 +122,9 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
     best_rows = float(np.median(best))
     for mode in chosen:  # served rows over what the network alone does at full batch
         summary[mode]["network_best_rows_per_s"] = best_rows
-        summary[mode]["efficiency"] = summary[mode]["saturation_rows_per_s"] / best_rows
+        summary[mode]["efficiency"] = summary[mode]["steady_rows_per_s"] / best_rows
+        summary[mode]["efficiency_with_drain"] = (summary[mode]["saturation_rows_per_s"]
+                                                  / best_rows)
     nan = {"saturation_images_per_s": math.nan, "latency": {"short": {}}, "errors": 0,
            "lost": 0}
     base, fast = summary.get("serial", nan), summary.get("batching", nan)

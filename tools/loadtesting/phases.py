@@ -83,6 +83,7 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
         todo.put(item)
     records: list[dict] = []
     lock = threading.Lock()
+    steady: list = []  # (time, metrics) when the first client found no request left
 
     def client(k: int):
         rng = random.Random(seed * 1000 + k)
@@ -90,6 +91,9 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
             try:
                 cls, body = todo.get_nowait()
             except queue.Empty:
+                with lock:
+                    if not steady:
+                        steady.append((time.monotonic(), server.metrics()))
                 return
             record = one_request(server, cls, body, time.monotonic(), None, rng)
             with lock:
@@ -105,6 +109,11 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
     elapsed = time.monotonic() - start
     after = server.metrics()
     ok = [r for r in records if r["outcome"] == "ok"]
+    # Capacity is what the server serves while every client has a request in it: from then
+    # on the last requests drain alone (a 1000-step one at batch 1), which measures the
+    # request list's tail, not the scheduler.
+    steady_at, at_steady = steady[0] if steady else (start + elapsed, after)
+    steady_s = max(steady_at - start, 1e-9)
     return {"seconds": elapsed, "requests": len(ok), "requests_per_s": len(ok) / elapsed,
             "images_per_s": sum(r["n"] for r in ok) / elapsed,
             "image_steps_per_s": sum(r["work"] for r in ok) / elapsed,
@@ -113,7 +122,12 @@ def saturate(server: ServerProcess, clients: int, count: int, scale: float,
             "network_calls": int(after["ddpm_ticks_total"] - before["ddpm_ticks_total"]),
             "rows": int(after["ddpm_rows_total"] - before["ddpm_rows_total"]),
             "errors": sum(r["outcome"] in ("error", "lost") for r in records),
-            "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed)}
+            "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed),
+            "steady_seconds": steady_s,
+            "steady_rows_per_s": (at_steady["ddpm_rows_total"] - before["ddpm_rows_total"])
+            / steady_s,
+            "steady_fill": _fill(before, at_steady),
+            "steady_busy": _busy(before, at_steady, steady_s)}
 
 
 def open_loop(server: ServerProcess, rate: float, seconds: float, scale: float, seed: int,

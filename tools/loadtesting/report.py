@@ -52,8 +52,10 @@ def markdown(report: dict) -> str:
               f"Errors {t['errors']}, lost images {t['lost']} (target 0). Load columns are "
               "the open-loop phase; busy = share of its wall time spent in network calls; "
               "batch fill = mean rows per call / max batch; efficiency = rows served per "
-              "second at saturation / rows per second of the network alone at full batch "
-              "(target >= 0.9)."]
+              "second at saturation, until the first client finds no request left (then "
+              "the last requests drain alone), / rows per second of the network alone at "
+              "full batch (target >= 0.9); loadtest.json also has it over the whole phase "
+              "(efficiency_with_drain)."]
     return "\n".join(lines) + "\n"
 
 
@@ -84,5 +86,9 @@ def summarize(runs: list[dict], modes) -> dict:
             "saturation_busy": float(np.median([r["saturation"]["busy"] for r in mine])),
             "saturation_rows_per_s": float(np.median(
                 [r["saturation"]["rows_per_s"] for r in mine])),
+            "steady_rows_per_s": float(np.median(
+                [r["saturation"]["steady_rows_per_s"] for r in mine])),
+            "steady_fill": float(np.median([r["saturation"]["steady_fill"] for r in mine])),
+            "steady_busy": float(np.median([r["saturation"]["steady_busy"] for r in mine])),
         }
     return summary

@@ -28,15 +28,16 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 # The CIFAR-10 model's block layout and embedding options (DownBlock2D, AttnDownBlock2D at
-# the second level, flip_sin_to_cos False, freq_shift 1, norm_eps 1e-6, downsample_padding
-# 0), and a second layout with the other settings (multi-head attention, attention at the
-# first level, flip_sin_to_cos True, freq_shift 0, padding 1), each at a toy size.
+# the second level, single-head attention, flip_sin_to_cos False, freq_shift 1, norm_eps
+# 1e-6, downsample_padding 0), and a second layout with the other settings (multi-head
+# attention, attention at the first level, flip_sin_to_cos True, freq_shift 0, padding 1),
+# each at a toy size.
 CONFIGS = {
     "ddpm_cifar_like": dict(
         sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, norm_eps=1e-6,
-        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0),
+        flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, attention_head_dim=None),
     "other_options": dict(
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("AttnDownBlock2D", "DownBlock2D"),
@@ -177,3 +178,18 @@ def test_bad_folders_are_one_line_naming_the_file_and_field(tmp_path):
     cases.append(([str(good / "unet"), "-o", str(tmp_path / "bare.onnx")], "--scheduler"))
     cases.append(([str(good), "-o", str(tmp_path / "model.jpg")], "must end in .onnx"))
     run_table("export.to_onnx:main", cases, tmp_path)
+
+
+def test_the_released_architectures_have_the_papers_sizes_and_one_attention_head():
+    """tools/released_unets.py, what the benchmark measures: the configs of the released
+    folders (35.7M and 113.7M parameters), attention over all channels in one head."""
+    from diffusers.models.attention_processor import Attention
+
+    from tools.released_unets import COMMON, CONFIGS
+
+    for arch, want in [("cifar10", 35.7e6), ("256", 113.7e6)]:
+        with torch.device("meta"):  # shapes only: no 450 MB of random weights
+            unet = diffusers.UNet2DModel(**COMMON, **CONFIGS[arch])
+        assert abs(sum(p.numel() for p in unet.parameters()) - want) < 0.05e6, arch
+        heads = [m.heads for m in unet.modules() if isinstance(m, Attention)]
+        assert heads and set(heads) == {1}, arch

@@ -33,19 +33,19 @@ EPS_TOLERANCE = DEFAULT_TOLERANCE  # relative to max |eps|: export's own verific
 
 
 # The digits preset is not among them: its layers are the tiny network's (every parity test
-# below) with cifar10's two residual blocks per level.
+# below) with cifar10's two residual blocks per level. The deepest preset (six levels,
+# 113.7M parameters) runs at 32x32 instead of 256x256 and with one residual block per level
+# instead of two: every level, width and layer kind is still there (the last level on 1x1
+# maps, attention on 16x16 maps), two blocks per level are cifar10's, and the export costs
+# 9 s instead of 15 (at full size it exports and verifies the same: README).
 @pytest.mark.parametrize("name, batch_sizes", [
     ("cifar10", (1, 3)),
-    # The deepest preset (six levels, 113.7M parameters) at 32x32 instead of 256x256: every
-    # layer and weight is the same (the last level runs on 1x1 maps) and attention still
-    # runs on 16x16 maps, at 1/64 of the 497 GFLOP per image (the full size exports and
-    # verifies the same: README).
     ("celebahq256", (1,)),
 ])
 def test_eps_parity_per_preset(name, batch_sizes, tmp_path):
     config = preset(name)[0]
     if name == "celebahq256":
-        config = dataclasses.replace(config, image_size=32)
+        config = dataclasses.replace(config, image_size=32, num_res_blocks=1)
     model = randomized_unet(config, scale=0.02)
     path = export_model(model, tmp_path / f"{name}.onnx")
     check = verify_onnx(model, path, batch_sizes=batch_sizes, tolerance=EPS_TOLERANCE)
@@ -59,8 +59,8 @@ def test_eps_parity_per_preset(name, batch_sizes, tmp_path):
 TRAJECTORIES = [
     # (sampler, steps, variance, eta)
     ("ddpm", None, "fixedlarge", 0.0),   # the paper's full 1000-step chain
-    ("ddpm", None, "fixedsmall", 0.0),
     ("ddpm", 100, "fixedlarge", 0.0),    # respaced
+    ("ddpm", 100, "fixedsmall", 0.0),    # the other variance, on the respaced chain
     ("ddim", 50, "fixedlarge", 0.0),     # deterministic
     ("ddim", 50, "fixedlarge", 1.0),
 ]

@@ -256,10 +256,10 @@ class InpaintRun(Run):
     def done(self) -> bool:
         return self._calls >= len(self._ups)
 
-    def advance(self, output: np.ndarray) -> None:
+    def advance(self, output: np.ndarray, *, finite: bool = False) -> None:
         s, sched = self.sampler, self.schedule
         i = s.index
-        eps = self.eps_of(output, i)
+        eps = self.eps_of(output, i, finite=finite)
         if self.keep_x0:
             self.x0 = self.predicted_x0(eps, i)
         z = draw_noise(self.noise, self.shape)
@@ -306,9 +306,9 @@ class InvertRun(Run):
     def steps_done(self) -> int:
         return self._k
 
-    def advance(self, output: np.ndarray) -> None:
+    def advance(self, output: np.ndarray, *, finite: bool = False) -> None:
         s, i = self.schedule, self._k
-        eps = self.eps_of(output, i).astype(np.float64)
+        eps = self.eps_of(output, i, finite=finite).astype(np.float64)
         ab_below = s.alphas_cumprod_prev[i]
         x0 = (self.x - np.sqrt(1.0 - ab_below) * eps) / np.sqrt(ab_below)
         np.copyto(self.x, s.sqrt_alphas_cumprod[i] * x0 + s.sqrt_one_minus_alphas_cumprod[i]

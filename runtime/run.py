@@ -85,22 +85,23 @@ class Run:
     def num_steps(self) -> int:
         return self.sampler.num_steps
 
-    def advance(self, output: np.ndarray) -> None:
+    def advance(self, output: np.ndarray, *, finite: bool = False) -> None:
         """One step with the network's output for this run's rows: checked for shape and
-        NaN/inf (:class:`~runtime.errors.NonFiniteError` names the step), turned into eps if
-        the network predicts v or x_0, then ``x`` is updated in place."""
+        NaN/inf (:class:`~runtime.errors.NonFiniteError` names the step; ``finite``: the
+        caller has checked the whole batch it came from), turned into eps if the network
+        predicts v or x_0, then ``x`` is updated in place."""
         s = self.sampler
-        eps = self.eps_of(output, s.index)
+        eps = self.eps_of(output, s.index, finite=finite)
         if self.keep_x0:
             self.x0 = self.predicted_x0(eps, s.index)
         s.step(self.x, eps, draw_noise(self.noise, self.shape) if s.needs_noise else None)
 
-    def eps_of(self, output: np.ndarray, index: int) -> np.ndarray:
+    def eps_of(self, output: np.ndarray, index: int, *, finite: bool = False) -> np.ndarray:
         """The network's output at schedule ``index`` for ``x``, checked, as eps."""
         eps = np.asarray(output)
         if eps.shape != self.shape:
             raise ValueError(f"the network returned shape {eps.shape}, expected {self.shape}")
-        if not np.isfinite(eps).all():
+        if not finite and not np.isfinite(eps).all():
             raise NonFiniteError(
                 f"the network returned NaN or inf at step t={int(self.t)} "
                 f"({self.steps_done + 1} of {self.num_steps}); check the model file and its "

@@ -153,11 +153,8 @@ class _Group:
 
     def __init__(self, job: Job, lo: int, hi: int, schedule: Schedule, record: ModelRecord):
         self.job, self.lo, self.hi = job, lo, hi
+        self.rows = hi - lo  # read a few times per group every tick: an attribute
         self.run = job.make_run(schedule, lo, hi, record)
-
-    @property
-    def rows(self) -> int:
-        return self.hi - self.lo
 
 
 class BatchScheduler:
@@ -321,6 +318,9 @@ class BatchScheduler:
             self.network_seconds += time.perf_counter() - start
             self.ticks += 1
             self.rows_run += rows
+        # One NaN check for the whole call; only if it fails does each run check its rows
+        # (and name its step).
+        finite = bool(np.isfinite(eps).all())
         pos = 0
         advanced: dict[str, Job] = {}
         finished: list[_Group] = []
@@ -331,7 +331,7 @@ class BatchScheduler:
             if job.status != "running":
                 continue  # failed by an earlier group this tick
             try:
-                g.run.advance(e)
+                g.run.advance(e, finite=finite)
             except Exception as err:  # this request's own step (NaN, ...): it fails alone
                 self._finish(job, "failed", err)
                 continue

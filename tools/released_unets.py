@@ -21,6 +21,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import click  # noqa: E402
 
+from runtime.util.fileio import describe_os_error  # noqa: E402
+
 COMMON = dict(in_channels=3, out_channels=3, layers_per_block=2, attention_head_dim=None,
               norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
               downsample_padding=0, act_fn="silu", time_embedding_type="positional",
@@ -42,9 +44,15 @@ CONFIGS = {
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(arch: str, out: Path, seed: int) -> None:
     """Write ARCH's folder, random weights, to OUT (a new or empty folder)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} is a file; give a new or empty folder", param_hint="OUT")
+    if out.is_dir() and any(out.iterdir()):
         raise click.BadParameter(f"{out} is not an empty folder; choose a new one",
                                  param_hint="OUT")
+    try:  # before building 450 MB of weights
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.BadParameter(describe_os_error(err, out), param_hint="OUT") from None
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

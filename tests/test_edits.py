@@ -278,6 +278,7 @@ def _png(path):
         return np.asarray(image)
 
 
+@pytest.mark.slow  # subprocess CLIs
 def test_cli_edits_write_what_the_library_makes(tiny_onnx, tmp_path):
     import runtime
     from runtime.images import make_grid, save_png
@@ -318,6 +319,7 @@ def test_cli_edits_write_what_the_library_makes(tiny_onnx, tmp_path):
                                   make_grid(want_row, ncol=4)[..., 0])
 
 
+@pytest.mark.slow  # a subprocess CLI table
 def test_cli_bad_edit_inputs_are_one_line_and_write_nothing(tiny_onnx, tmp_path):
     from PIL import Image
 

@@ -242,6 +242,7 @@ def _as_student(onnx_path: Path, path: Path, steps: int) -> Path:
     return path
 
 
+@pytest.mark.slow  # a subprocess of the evaluation tool
 def test_students_command_sets_each_student_beside_its_teacher(tiny_onnx, tmp_path):
     out = tmp_path / "eval"
     student = _as_student(tiny_onnx, tmp_path / "student-2.onnx", 2)

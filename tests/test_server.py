@@ -317,6 +317,7 @@ def _read_until_closed(sock: socket.socket, deadline: float) -> tuple[bytes, boo
     return data, False
 
 
+@pytest.mark.slow  # a server process of its own
 @needs_serve
 def test_slow_and_idle_clients_cost_only_themselves(tiny_onnx):
     """80 connections that do no work (silent, slowloris headers, a body that never ends,
@@ -405,6 +406,7 @@ def test_slow_and_idle_clients_cost_only_themselves(tiny_onnx):
     assert "Traceback" not in "".join(srv.stderr)
 
 
+@pytest.mark.slow  # a server process of its own
 @needs_serve
 def test_sigterm_the_moment_the_server_says_it_is_ready_stops_it(tiny_onnx):
     """The start line is a promise: SIGTERM sent on it is handled (exit 0, promptly)."""

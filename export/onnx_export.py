@@ -461,7 +461,6 @@ def _write_external(model: torch.nn.Module, proto, out_path: Path, *, tolerance:
     the commit: until it, the old model file and its own data are untouched; after it, the
     data file the old one named (if this export wrote it) is removed.
     """
-    import hashlib
     import shutil
     import tempfile
 
@@ -475,11 +474,7 @@ def _write_external(model: torch.nn.Module, proto, out_path: Path, *, tolerance:
         onnx.save_model(proto, staged, save_as_external_data=True,
                         all_tensors_to_one_file=True, location="weights.data",
                         size_threshold=1024)
-        digest = hashlib.sha256()
-        with open(folder / "weights.data", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-        name = data_file_name(out_path, digest.hexdigest())
+        name = data_file_name(out_path, sha256_file(folder / "weights.data"))
         os.rename(folder / "weights.data", folder / name)
         # onnx writes it owner-only; it is as readable as the model file that names it.
         umask = os.umask(0)

@@ -33,10 +33,8 @@ def steps_table(pipe, ev, n: int, seeds, samplers, nfes, batch_size: int,
         recommended = {"sampler": best["sampler"], "steps": best["steps"], "fd": best["fd"],
                        "fd_ratio": best["fd_ratio"], "speedup": best["speedup"],
                        "nominal_speedup": T / best["steps"]}
-    timing = (f"best of 2 runs of {timing_images} images in one batch" if timing_images
-              else f"the sampling runs themselves ({n} images per seed, batches of "
-                   f"{batch_size})")
-    return {"rows": rows, "full_steps": T, "recommended": recommended, "timing": timing,
+    return {"rows": rows, "full_steps": T, "recommended": recommended,
+            "timing": timing_note(timing_images, n, batch_size),
             "spacing": spacing, "seeds": list(seeds),
             "rule": f"fewest network calls with FD <= {WITHIN} x the {T}-step DDPM FD"}
 
@@ -78,6 +76,13 @@ def measure(pipe, ev, n: int, seeds, sampler: str, steps: int, batch_size: int,
     click.echo(f"  {prefix}{sampler:9s} {steps:5d} NFE: " + (f"FD {row['fd']:.3f}, "
                if "fd" in row else "") + f"{row['images_per_s']:.1f} images/s", err=True)
     return row
+
+
+def timing_note(timing_images: int, n: int, batch_size: int) -> str:
+    """Where a table's images/s come from, for its report."""
+    if timing_images:
+        return f"best of 2 runs of {timing_images} images in one batch"
+    return f"the sampling runs themselves ({n} images per seed, batches of {batch_size})"
 
 
 def compare(rows: list[dict], full: dict) -> None:

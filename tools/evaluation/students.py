@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .steps import WITHIN, compare, measure
+from .steps import WITHIN, compare, measure, timing_note
 
 # The bar at 4 calls: FD within WITHIN x the full chain's, digit-IS within this.
 IS_WITHIN = 0.1
@@ -42,9 +42,8 @@ def students_table(teacher, students: list, ev, n: int, seeds, batch_size: int,
     for r in rows:
         if "digit_is" in r:
             r["digit_is_diff"] = r["digit_is"] - rows[0]["digit_is"]
-    timing = (f"best of 2 runs of {timing_images} images in one batch" if timing_images
-              else f"the sampling runs themselves ({n} images per seed)")
-    return {"rows": rows, "full_steps": T, "seeds": list(seeds), "timing": timing,
+    return {"rows": rows, "full_steps": T, "seeds": list(seeds),
+            "timing": timing_note(timing_images, n, batch_size),
             "targets": _targets(rows)}
 
 

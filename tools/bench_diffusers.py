@@ -1,14 +1,14 @@
 """A diffusers DDPM folder served by the runtime against diffusers' own pipeline in torch.
 
     python tools/bench_diffusers.py FOLDER MODEL.onnx [--batches 1,8] [--threads 2]
-                                    [--calls 3] [--rounds 2] [--out bench-diffusers/]
+                                    [--calls 5] [--rounds 2] [--out bench-diffusers/]
 
 MODEL.onnx is FOLDER exported by ``export/to_onnx.py``. Two contenders, each round in a
 fresh subprocess (so peak memory is its own), alternating: ``runtime`` (ONNX Runtime on
 the CPU through ``runtime.load``, torch never imported) and ``diffusers`` (its
 ``UNet2DModel`` in torch eager with ``DPMSolverMultistepScheduler``, the same
 ``--threads``). Each measures, per batch size: the median time of ``--calls`` network
-calls after one untimed warm-up, and one 10-call DPM-Solver++ 2M sample; seconds per image,
+calls after ``WARMUP`` untimed ones, and one 10-call DPM-Solver++ 2M sample; seconds per image,
 medians over rounds. Peak memory: the process's VmHWM. Writes OUT/bench.json and
 OUT/bench.md; states the CPU.
 """
@@ -33,6 +33,10 @@ from tools.loadtesting.report import cpu_name  # noqa: E402
 
 CONTENDERS = ("runtime", "diffusers")
 SOLVER_STEPS = 10
+# Untimed calls first: both libraries' second and third calls still settle their memory
+# (ONNX Runtime's arena and allocation plan, CIFAR-10 batch 8: 32.6 ms/image on the second
+# call, 29-30 from the third on).
+WARMUP = 3
 
 
 def peak_rss_mib() -> float:
@@ -52,7 +56,8 @@ def worker(contender: str, folder: Path, onnx: Path, batch: int, threads: int,
         shape = (batch, *pipe.image_shape)
         x = rng.standard_normal(shape, dtype=np.float32)
         t = np.full(batch, 500.0, np.float32)
-        pipe.eps_fn(x, t)
+        for _ in range(WARMUP):
+            pipe.eps_fn(x, t)
         times = []
         for _ in range(calls):
             start = time.perf_counter()
@@ -75,7 +80,8 @@ def worker(contender: str, folder: Path, onnx: Path, batch: int, threads: int,
         t = torch.full((batch,), 500.0)
         times = []
         with torch.inference_mode():
-            unet(x, t)
+            for _ in range(WARMUP):
+                unet(x, t)
             for _ in range(calls):
                 start = time.perf_counter()
                 unet(x, t)
@@ -97,7 +103,7 @@ def worker(contender: str, folder: Path, onnx: Path, batch: int, threads: int,
 @click.argument("onnx", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--batches", default="1,8", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--calls", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--calls", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-diffusers"), show_default=True)

@@ -39,6 +39,8 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
         # Served rows against the network alone at full batch: positive and bounded.
         assert 0 < s["efficiency"] < 3 and s["network_best_rows_per_s"] > 0
         assert 0 < s["efficiency_with_drain"] < 3
+        # The same requests through the scheduler alone, in-process.
+        assert 0 < s["scheduler_efficiency"] < 3
     for run_ in report["runs"]:
         sat = run_["saturation"]
         # The window before the drain is part of the phase, its rows part of the phase's.

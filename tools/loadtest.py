@@ -13,6 +13,10 @@ fresh server on a free localhost port and two phases, modes alternating per repe
    request-at-a-time capacity measured in phase 1 (the same rate for both modes), then a
    drain; latency p50/p95/p99 per request class.
 
+After each saturation phase the same requests go through the batch scheduler in this
+process (no HTTP, no clients), with as many in flight: the report's "scheduler alone"
+efficiency beside the served one tells the scheduler's loss from the HTTP side's.
+
 Workload (``--steps-scale`` shrinks every chain, for smoke runs): short = DDIM 20 steps,
 n = 1-4 (85%); medium = DDPM 100 steps, n = 8 (12%); long = DDPM 1000 steps, n = 1 (3%).
 ``--cancel p``: each request is cancelled with probability p after a random delay, by
@@ -36,7 +40,13 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tools.loadtesting.phases import network_best, open_loop, saturate  # noqa: E402
+from tools.loadtesting.phases import (  # noqa: E402
+    network_best,
+    open_loop,
+    saturate,
+    saturation_requests,
+    scheduler_alone,
+)
 from tools.loadtesting.report import cpu_name, markdown, summarize  # noqa: E402
 from tools.loadtesting.server import HOST, ServerProcess, load_test_args  # noqa: E402,F401
 from tools.loadtesting.workload import WORKLOAD  # noqa: E402
@@ -104,6 +114,14 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
                        f"{sat[mode]['steady_rows_per_s']:.0f} rows/s, fill "
                        f"{sat[mode]['steady_fill']:.2f}, busy {sat[mode]['steady_busy']:.2f}",
                        err=True)
+            # The same requests through the scheduler in this process, no HTTP: what the
+            # served rate loses to the server's HTTP side (and to clients on this machine).
+            sat[mode]["scheduler_alone_rows_per_s"] = scheduler_alone(
+                model, threads, max_batch, clients,
+                saturation_requests(saturation, steps_scale, seed + rep),
+                batching=mode == "batching")
+            click.echo(f"[{rep}] {mode} scheduler alone: "
+                       f"{sat[mode]['scheduler_alone_rows_per_s']:.0f} rows/s", err=True)
         if rate is None:
             rate = load * sat["serial"]["requests_per_s"]
         for mode in order:
@@ -125,6 +143,8 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
         summary[mode]["efficiency"] = summary[mode]["steady_rows_per_s"] / best_rows
         summary[mode]["efficiency_with_drain"] = (summary[mode]["saturation_rows_per_s"]
                                                   / best_rows)
+        summary[mode]["scheduler_efficiency"] = (summary[mode]["scheduler_alone_rows_per_s"]
+                                                 / best_rows)
     nan = {"saturation_images_per_s": math.nan, "latency": {"short": {}}, "errors": 0,
            "lost": 0}
     base, fast = summary.get("serial", nan), summary.get("batching", nan)

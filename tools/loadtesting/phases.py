@@ -72,14 +72,19 @@ def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled:
     return record
 
 
+def saturation_requests(count: int, scale: float, seed: int) -> list:
+    """The request list of a saturation phase: the same for every mode and for
+    :func:`scheduler_alone`."""
+    return draw_list(random.Random(seed), count, scale)
+
+
 def saturate(server: ServerProcess, clients: int, count: int, scale: float,
              seed: int, requests: list | None = None) -> dict:
     """Capacity: ``count`` requests drawn from the workload (the same list for every mode),
     or the ``requests`` given, sent by ``clients`` closed-loop clients, each taking the next
     as soon as its last returns; images/s over the time until the last reply."""
     todo = queue.Queue()
-    for item in requests if requests is not None else draw_list(random.Random(seed), count,
-                                                                  scale):
+    for item in requests if requests is not None else saturation_requests(count, scale, seed):
         todo.put(item)
     records: list[dict] = []
     lock = threading.Lock()
@@ -217,3 +222,34 @@ def network_best(model, threads: int | None, batch: int, calls: int = 20,
                 pipe.eps_fn(x, t)
             best = max(best, batch * calls / (time.perf_counter() - start))
         return best
+
+
+def scheduler_alone(model, threads: int | None, max_batch: int, clients: int, requests: list,
+                    batching: bool = True) -> float:
+    """Rows per second of the batch scheduler driven in this process over ``requests``, with
+    ``clients`` of them in flight, until the last is handed out (saturate's window): the
+    server's own scheduling without HTTP, so a report can tell the two losses apart."""
+    import runtime
+    from runtime.options import SampleOptions
+    from runtime.serving.scheduler import BatchScheduler
+
+    with runtime.load(model, threads=threads) as pipe:
+        scheduler = BatchScheduler(pipe.eps_fn, pipe.record, max_batch=max_batch,
+                                   max_queue=len(requests) + 1, max_n=64,
+                                   batching=batching).start()
+        slots = threading.Semaphore(clients)
+        jobs = []
+        try:
+            start = time.perf_counter()
+            for _cls, body in requests:
+                slots.acquire()
+                options = SampleOptions.make(body["sampler"], body["steps"],
+                                             defaults=pipe.record.defaults)
+                jobs.append(scheduler.submit(body["n"], body["seed"], options,
+                                             on_done=lambda _job: slots.release()))
+            rows, seconds = scheduler.rows_run, time.perf_counter() - start
+            for job in jobs:
+                job.result()
+        finally:
+            scheduler.close(drain=False)
+    return rows / max(seconds, 1e-9)

@@ -28,8 +28,8 @@ def markdown(report: dict) -> str:
              f"steps scale {meta['steps_scale']}.", "",
              "| mode | saturation images/s | vs serial | load req/s | short p50 / p95 / p99 s"
              " | medium p95 s | long p95 s | images/s | busy | errors | lost | refused"
-             " | cancelled | batch fill | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | cancelled | batch fill | efficiency | scheduler alone |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = report["summary"].get("serial", {}).get("saturation_images_per_s", math.nan)
 
     def p(c: dict, q: str) -> str:
@@ -44,7 +44,8 @@ def markdown(report: dict) -> str:
             f"{p(s['latency']['medium'], 'p95')} | {p(s['latency']['long'], 'p95')} | "
             f"{s['images_per_s']:.1f} | {s['busy']:.2f} | {s['errors']} | {s['lost']} | "
             f"{s['refused']} | "
-            f"{s['cancelled']} | {s['batch_fill']:.2f} | {s.get('efficiency', math.nan):.2f} |")
+            f"{s['cancelled']} | {s['batch_fill']:.2f} | {s.get('efficiency', math.nan):.2f} | "
+            f"{s.get('scheduler_efficiency', math.nan):.2f} |")
     t = report["targets"]
     lines += ["", f"Saturation throughput, batching / serial: {t['throughput_ratio']:.2f}x "
               f"(target >= 1.3x). Short-request p95 at {meta['rate']:.2f} requests/s, "
@@ -55,7 +56,8 @@ def markdown(report: dict) -> str:
               "second at saturation, until the first client finds no request left (then "
               "the last requests drain alone), / rows per second of the network alone at "
               "full batch (target >= 0.9); loadtest.json also has it over the whole phase "
-              "(efficiency_with_drain)."]
+              "(efficiency_with_drain); scheduler alone = the same over the same requests "
+              "through the batch scheduler in one process, without HTTP or clients."]
     return "\n".join(lines) + "\n"
 
 
@@ -90,5 +92,7 @@ def summarize(runs: list[dict], modes) -> dict:
                 [r["saturation"]["steady_rows_per_s"] for r in mine])),
             "steady_fill": float(np.median([r["saturation"]["steady_fill"] for r in mine])),
             "steady_busy": float(np.median([r["saturation"]["steady_busy"] for r in mine])),
+            "scheduler_alone_rows_per_s": float(np.median(
+                [r["saturation"]["scheduler_alone_rows_per_s"] for r in mine])),
         }
     return summary

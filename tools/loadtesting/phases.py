@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .server import ServerProcess
+from .server import MAX_N, ServerProcess
 from .workload import WORKLOAD, RequestClass, draw, draw_list
 
 
@@ -235,7 +235,7 @@ def scheduler_alone(model, threads: int | None, max_batch: int, clients: int, re
 
     with runtime.load(model, threads=threads) as pipe:
         scheduler = BatchScheduler(pipe.eps_fn, pipe.record, max_batch=max_batch,
-                                   max_queue=len(requests) + 1, max_n=64,
+                                   max_queue=len(requests) + 1, max_n=MAX_N,
                                    batching=batching).start()
         slots = threading.Semaphore(clients)
         jobs = []

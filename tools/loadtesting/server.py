@@ -16,10 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
 
+# The largest n a load-test server (and the scheduler driven alone) takes: above any request's.
+MAX_N = 64
+
+
 def load_test_args(max_batch: int, threads: int | None) -> list[str]:
     """``serve``'s options for a load test: a queue and limits no test reaches, and no
     per-address connection cap (every client is 127.0.0.1 here)."""
-    return (["--max-batch", str(max_batch), "--max-queue", "4096", "--max-n", "64",
+    return (["--max-batch", str(max_batch), "--max-queue", "4096", "--max-n", str(MAX_N),
              "--max-client-connections", "100000", "--grace", "0"]
             + (["--threads", str(threads)] if threads else []))
 

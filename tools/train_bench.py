@@ -55,9 +55,9 @@ def cpu_description() -> str:
 
 
 def run_steps(trainer: Trainer, threads: int, steps: int) -> float:
+    """Seconds for ``steps`` optimizer steps at ``threads`` intra-op threads."""
     import torch
 
-    """Seconds for ``steps`` optimizer steps at ``threads`` intra-op threads."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
     for _ in range(steps):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -44,12 +45,11 @@ from tools.loadtesting.phases import (  # noqa: E402
     network_best,
     open_loop,
     saturate,
-    saturation_requests,
     scheduler_alone,
 )
 from tools.loadtesting.report import cpu_name, markdown, summarize  # noqa: E402
 from tools.loadtesting.server import HOST, ServerProcess, load_test_args  # noqa: E402,F401
-from tools.loadtesting.workload import WORKLOAD  # noqa: E402
+from tools.loadtesting.workload import WORKLOAD, draw_list  # noqa: E402
 
 MODES = {"batching": [], "serial": ["--no-batching"]}
 
@@ -103,10 +103,12 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
         click.echo(f"[{rep}] network alone at batch {max_batch}: {best[-1]:.0f} rows/s",
                    err=True)
         sat = {}
+        # One request list per repeat: every mode, and the scheduler alone, take the same.
+        requests = draw_list(random.Random(seed + rep), saturation, steps_scale)
         for mode in order:  # saturation first for both: the load rate needs serial's capacity
             server = ServerProcess(model, *server_args, *MODES[mode])
             try:
-                sat[mode] = saturate(server, clients, saturation, steps_scale, seed + rep)
+                sat[mode] = saturate(server, clients, requests, seed + rep)
             finally:
                 server.stop()
             click.echo(f"[{rep}] {mode} saturation: {sat[mode]['images_per_s']:.1f} images/s, "
@@ -117,9 +119,7 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
             # The same requests through the scheduler in this process, no HTTP: what the
             # served rate loses to the server's HTTP side (and to clients on this machine).
             sat[mode]["scheduler_alone_rows_per_s"] = scheduler_alone(
-                model, threads, max_batch, clients,
-                saturation_requests(saturation, steps_scale, seed + rep),
-                batching=mode == "batching")
+                model, threads, max_batch, clients, requests, batching=mode == "batching")
             click.echo(f"[{rep}] {mode} scheduler alone: "
                        f"{sat[mode]['scheduler_alone_rows_per_s']:.0f} rows/s", err=True)
         if rate is None:

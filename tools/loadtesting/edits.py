@@ -107,7 +107,7 @@ def run(model, *, count: int, clients: int, max_batch: int, threads: int | None,
         server = ServerProcess(model, *load_test_args(max_batch, threads),
                                *([] if mode == "batching" else ["--no-batching"]))
         try:
-            sat = saturate(server, clients, len(subset), scale, seed, requests=subset)
+            sat = saturate(server, clients, subset, seed)
         finally:
             sat_exit = server.stop()
         row = {"kind": name, "mode": mode, "count": len(subset),

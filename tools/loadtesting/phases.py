@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .server import MAX_N, ServerProcess
-from .workload import WORKLOAD, RequestClass, draw, draw_list
+from .workload import WORKLOAD, RequestClass, draw
 
 
 def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled: float,
@@ -72,19 +72,12 @@ def one_request(server: ServerProcess, cls: RequestClass, body: dict, scheduled:
     return record
 
 
-def saturation_requests(count: int, scale: float, seed: int) -> list:
-    """The request list of a saturation phase: the same for every mode and for
-    :func:`scheduler_alone`."""
-    return draw_list(random.Random(seed), count, scale)
-
-
-def saturate(server: ServerProcess, clients: int, count: int, scale: float,
-             seed: int, requests: list | None = None) -> dict:
-    """Capacity: ``count`` requests drawn from the workload (the same list for every mode),
-    or the ``requests`` given, sent by ``clients`` closed-loop clients, each taking the next
-    as soon as its last returns; images/s over the time until the last reply."""
+def saturate(server: ServerProcess, clients: int, requests: list, seed: int) -> dict:
+    """Capacity: ``requests`` ((class, body) pairs, e.g. ``workload.draw_list``'s: the same
+    list for every mode) sent by ``clients`` closed-loop clients, each taking the next as soon
+    as its last returns; images/s over the time until the last reply."""
     todo = queue.Queue()
-    for item in requests if requests is not None else saturation_requests(count, scale, seed):
+    for item in requests:
         todo.put(item)
     records: list[dict] = []
     lock = threading.Lock()

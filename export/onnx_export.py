@@ -116,7 +116,9 @@ def student_fields(ckpt: dict) -> dict:
                          "eta": 0.0},
             "distilled": {"method": "progressive", "from_steps": plan.teacher_steps,
                           "steps": steps[0],
-                          "teacher_sha256": ckpt["distill"]["teacher_sha256"]}}
+                          "teacher_sha256": ckpt["distill"]["teacher_sha256"],
+                          # steps of distribution matching the weights went through
+                          "matching_steps": max(0, ckpt["step"] - plan.rounds_end)}}
 
 
 def to_onnx_bytes(model: torch.nn.Module, record: ModelRecord, *,

@@ -6,14 +6,16 @@ the target v lands where the teacher's two land. The whole method runs on Gaussi
 whose optimal network is known in closed form and held exactly by a per-timestep affine
 family, as are all its students: each round's student, sampled by the runtime at its own
 steps, must reproduce its teacher's DDIM chain of twice (and four times) the steps far
-closer than the teacher's own chain at the student's steps does. Rounds, exact resume
-and the CLI's one-line refusals run on the tiny U-Net.
+closer than the teacher's own chain at the student's steps does. Distribution matching's
+gradient drives a Gaussian generator to the data's Gaussian (closed-form denoisers). Rounds,
+matching, exact resume and the CLI's one-line refusals run on the tiny U-Net.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from training.checkpoint import load_checkpoint, student_steps
 from training.config import DistillConfig, ModelConfig, TrainConfig
 from training.data import Dataset, load_dataset
 from training.distill import main
-from training.distiller import Distiller, ddim_step, distill, v_target
+from training.distiller import Distiller, ddim_step, distill, matching_gradient, v_target
 from training.reference import reference_sample, torch_eps_fn
 from training.train import main as train_main
 from training.trainer import Trainer
@@ -184,6 +186,43 @@ def test_each_student_reproduces_its_teachers_chain_of_more_steps(tmp_path):
     assert rms(run(teacher, 2, "v"), chain[8]) > 0.5 * rms(chain[2], chain[8])
 
 
+# === Distribution matching's gradient ===
+
+def gaussian_denoiser(mean, std):
+    """E[x_0 | x_t] when every pixel of x_0 is N(mean, std^2): the exact denoiser."""
+    def x0(x_t, ab):
+        ab = ab.view(-1, 1, 1, 1)
+        return mean + ab.sqrt() * std**2 / (ab * std**2 + 1 - ab) * (x_t - ab.sqrt() * mean)
+    return x0
+
+
+def test_matching_moves_a_generator_to_the_datas_distribution():
+    """A generator x_0 = m + s z stepped along the matching gradient, with the exact
+    denoisers of the data (N(0.3, 0.5^2)) and of its own samples, ends at the data's mean
+    and spread; there the gradient is 0."""
+    data = gaussian_denoiser(0.3, 0.5)
+    m = torch.tensor(-0.4, requires_grad=True)
+    log_s = torch.tensor(math.log(0.15), requires_grad=True)
+    opt = torch.optim.Adam([m, log_s], lr=0.01, betas=(0.0, 0.99))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        x0 = m + log_s.exp() * torch.randn(256, 1, 2, 2, generator=gen)
+        t = torch.randint(20, 980, (256,), generator=gen)
+        ab = AB[t].float()
+        x_t = (ab.sqrt().view(-1, 1, 1, 1) * x0.detach()
+               + (1 - ab).sqrt().view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen))
+        own = gaussian_denoiser(m.detach(), log_s.exp().detach())
+        grad = matching_gradient(x0.detach(), data(x_t, ab), own(x_t, ab))
+        loss = 0.5 * torch.mean((x0 - (x0 - grad).detach()) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(m.item() - 0.3) < 0.03 and abs(log_s.exp().item() - 0.5) < 0.03, \
+        (m.item(), log_s.exp().item())
+    assert torch.equal(matching_gradient(x0, data(x_t, ab), data(x_t, ab)),
+                       torch.zeros_like(x0))
+
+
 # === Rounds, resume and the CLI on the tiny U-Net ===
 
 @pytest.fixture(scope="module")
@@ -201,7 +240,7 @@ def teacher_path(tmp_path_factory, digits) -> Path:
     return trainer.save()
 
 
-TINY_PLAN = DistillConfig(teacher_steps=8, steps=2, round_steps=3)
+TINY_PLAN = DistillConfig(teacher_steps=8, steps=2, round_steps=3, match_steps=2)
 
 
 def _distill(teacher_path, digits, out, plan=TINY_PLAN):
@@ -226,22 +265,31 @@ def whole_run(teacher_path, digits, tmp_path_factory):
 
 def test_rounds_halve_the_steps_and_keep_each_student(whole_run):
     run_, out = whole_run
-    steps = [(r["round"], r["student_steps"]) for r in _records(out) if "round_done" not in r]
-    assert steps == [(1, 4)] * 3 + [(2, 2)] * 3
+    records = _records(out)
+    steps = [(r["round"], r["student_steps"], r.get("matching", False)) for r in records
+             if "round_done" not in r and "matching_done" not in r]
+    assert steps == [(1, 4, False)] * 3 + [(2, 2, False)] * 3 + [(2, 2, True)] * 2
     done = [(r["step"], r["teacher_steps"], r["student_steps"])
-            for r in _records(out) if "round_done" in r]
+            for r in records if "round_done" in r]
     assert done == [(3, 8, 4), (6, 4, 2)]
+    assert [(r["step"], r["match_steps"]) for r in records if "matching_done" in r] == [(8, 2)]
     for n in (4, 2):
         assert student_steps(load_checkpoint(out / f"student-{n}.pt")) == (n, True)
+    assert student_steps(load_checkpoint(out / "student-2-matched.pt")) == (2, True)
     assert student_steps(load_checkpoint(out / "student.pt")) == (2, True)
-    assert {f"samples_{n:04d}steps.png" for n in (4, 2)} <= {p.name for p in out.iterdir()}
-    # The second round's teacher is the first round's student.
-    first = load_checkpoint(out / "student-4.pt")["ema"]
+    assert {f"samples_{n:04d}steps.png" for n in (4, 2)} | {"samples_0002steps_matched.png"} \
+        <= {p.name for p in out.iterdir()}
+    # Each round's teacher is the round before's student, and the matching moves the last.
     final = load_checkpoint(out / "student.pt")
-    assert all(torch.equal(final["teacher"][k], first[k]) for k in first)
+    last = load_checkpoint(out / "student-2.pt")["ema"]
+    assert all(torch.equal(final["teacher"][k], last[k]) for k in last)
+    assert not all(torch.equal(final["ema"][k], last[k]) for k in last)
+    assert all(torch.equal(final["ema"][k], v)
+               for k, v in load_checkpoint(out / "student-2-matched.pt")["ema"].items())
 
 
-@pytest.mark.parametrize("stop", [3, 4])  # at a round's end, and inside the next round
+# At a round's end, inside the next round, at the matching's start and inside it.
+@pytest.mark.parametrize("stop", [3, 4, 6, 7])
 def test_an_interrupted_distillation_resumes_exactly(teacher_path, digits, whole_run, tmp_path,
                                                      monkeypatch, stop):
     whole, whole_out = whole_run
@@ -260,10 +308,11 @@ def test_an_interrupted_distillation_resumes_exactly(teacher_path, digits, whole
     torch.manual_seed(12345)  # a different global RNG state must not matter
     resumed = _distill(teacher_path, digits, tmp_path)
     a, b = whole.state_dict(), resumed.state_dict()
-    for part in ("model", "ema", "teacher"):
+    for part in ("model", "ema", "teacher", "fake"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    for k, state in a["optimizer"]["state"].items():
-        assert all(torch.equal(state[name], b["optimizer"]["state"][k][name]) for name in state)
+    for opt in ("optimizer", "fake_optimizer"):
+        for k, state in a[opt]["state"].items():
+            assert all(torch.equal(state[name], b[opt]["state"][k][name]) for name in state)
 
     def losses(out):
         return [(r["step"], r.get("loss")) for r in _records(out)]
@@ -288,10 +337,19 @@ def test_the_cli_distils_resumes_and_refuses_another_teacher(teacher_path, tmp_p
     out = tmp_path / "run"
     quick = ["--out", out, "--teacher-steps", 4, "--steps", 2, "--round-steps", 1,
              "--batch-size", 8, "--threads", 1, "--no-progress"]
-    result = _cli([teacher_path, *quick])
+    result = _cli([teacher_path, *quick, "--match-steps", 0])
     assert result.exit_code == 0, result.output
-    assert "round 1/1: 4 -> 2 DDIM steps" in result.output
+    assert "round 1/1: 4 -> 2 DDIM steps" in result.output and "matching" not in result.output
     assert "is finished" in _cli([teacher_path, *quick, "--resume"]).output
+    # A finished run takes matching on resume, once begun its plan is fixed.
+    result = _cli([teacher_path, *quick, "--resume", "--match-steps", 1])
+    assert result.exit_code == 0 and "distribution matching at 2 DDIM steps" in result.output
+    assert student_steps(load_checkpoint(out / "student.pt")) == (2, True)
+    assert (out / "student-2-matched.pt").exists()
+    _one_line_error(_cli([teacher_path, *quick, "--resume", "--match-steps", 3]), "differs")
+    # A student is not a score of the data: its students are not matched.
+    _one_line_error(_cli([out / "student-2.pt", "--out", tmp_path / "s", "--steps", 1,
+                          "--match-steps", 1]), "not a score")
     _one_line_error(_cli([teacher_path, *quick]), "exists")
     _one_line_error(_cli([teacher_path, *quick, "--resume", "--lr", "0.5"]), "differs")
     # The same network saved again is another file: a student names its teacher's digest.
@@ -397,7 +455,7 @@ def test_a_student_exports_and_samples_with_its_own_steps_by_default(whole_run, 
         record = pipe.record
         assert record.prediction == "v" and record.defaults == OWN
         assert record.distilled == {**DISTILLED, "teacher_sha256": record.distilled[
-            "teacher_sha256"]} and record.distilled["from_steps"] == 8
+            "teacher_sha256"], "matching_steps": 2} and record.distilled["from_steps"] == 8
         got = pipe.sample_float(6, 3, progress=False)
     # The runtime draws what the torch student (its EMA) draws with its own sampler.
     want = reference_sample(run_.ema.model, FULL.respaced(2, "trailing"), (6, 1, 8, 8),

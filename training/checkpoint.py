@@ -40,7 +40,7 @@ STUDENT_FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "model_config", "train_config", "schedule", "data", "step",
                  "model", "ema")
 # What only a resume needs: left out of the per-round student files.
-RUN_STATE_KEYS = ("optimizer", "rng", "teacher")
+RUN_STATE_KEYS = ("optimizer", "rng", "teacher", "fake", "fake_optimizer")
 
 
 class CheckpointError(ValueError):
@@ -60,15 +60,17 @@ def make_checkpoint(*, model_config: dict, train_config: dict, schedule: dict, d
 
 
 def student_checkpoint(ckpt: dict[str, Any], *, prediction: str, distill: dict,
-                       teacher: dict | None = None) -> dict[str, Any]:
+                       teacher: dict | None = None, **matching: dict) -> dict[str, Any]:
     """``ckpt`` (:func:`make_checkpoint`'s) as a distilled student's, version 2.
 
     ``distill``: ``config`` (DistillConfig.to_dict()), ``teacher_sha256``,
     ``teacher_prediction``, ``teacher_train_step`` and ``round_started_s`` (training time
-    when the current round began); ``teacher``: the current round's teacher weights.
+    when the current round began); ``teacher``: the current round's teacher weights;
+    ``matching``: a plan with distribution matching's ``fake`` score network and its
+    ``fake_optimizer``.
     """
     out = {**ckpt, "format_version": STUDENT_FORMAT_VERSION, "prediction": prediction,
-           "distill": distill}
+           "distill": distill, **matching}
     if teacher is not None:
         out["teacher"] = teacher
     return out
@@ -92,6 +94,8 @@ def student_steps(ckpt: dict[str, Any]) -> tuple[int, bool] | None:
         return None
     plan = DistillConfig.from_dict(ckpt["distill"]["config"])
     step = ckpt["step"]
+    if step > plan.rounds_end:  # distribution matching at the last round's steps
+        return plan.steps, step == plan.total_steps
     return plan.student_steps((step - 1) // plan.round_steps), step % plan.round_steps == 0
 
 
@@ -235,14 +239,19 @@ def validate_checkpoint(ckpt: dict[str, Any], path, *, resume: bool = False) -> 
     weights = ["model", "ema"]
     if student and (resume or "teacher" in ckpt):  # a student resumes with its round's teacher
         weights.append("teacher")
+    # ...and a plan that matches distributions with its fake score network and its Adam.
+    matching = student and resume and parsed["distill"].match_steps > 0
+    if matching:
+        weights.append("fake")
     for name in weights:
         problem = _weights_problem(ckpt.get(name), shapes)
         if problem:
             raise bad(f"'{name}' weights do not fit its model_config: {problem}")
     if resume:
         params = [tuple(p.shape) for p in reference.parameters()]
-        for name, problem in (("optimizer", _optimizer_problem(ckpt.get("optimizer"), params)),
-                              ("rng", _rng_problem(ckpt.get("rng")))):
+        optimizers = ["optimizer"] + (["fake_optimizer"] if matching else [])
+        for name, problem in ([(o, _optimizer_problem(ckpt.get(o), params)) for o in optimizers]
+                              + [("rng", _rng_problem(ckpt.get("rng")))]):
             if problem:
                 raise bad(f"cannot resume: '{name}' state {problem}")
 
@@ -288,9 +297,9 @@ def _plan_problem(plan: DistillConfig, train: TrainConfig, step: int) -> str | N
     if plan.teacher_steps > train.num_timesteps:
         return (f"{plan.teacher_steps} teacher steps are more than the schedule's "
                 f"{train.num_timesteps}")
-    if train.steps != plan.rounds * plan.round_steps:
+    if train.steps != plan.total_steps:
         return (f"train_config steps {train.steps} are not {plan.rounds} rounds of "
-                f"{plan.round_steps}")
+                f"{plan.round_steps} and {plan.match_steps} of matching")
     if step > train.steps:
         return f"step {step} is past the plan's last, {train.steps}"
     return None

@@ -183,19 +183,31 @@ DISTILL_SPACINGS = ("trailing",)
 class DistillConfig:
     """Progressive distillation's plan (Salimans & Ho 2022): the teacher's deterministic
     sampler (DDIM, eta 0) at ``teacher_steps`` network calls, halved each round down to the
-    student's ``steps``, with ``round_steps`` optimizer steps per round. The optimizer's
-    recipe (lr, batch, EMA, seed) is a TrainConfig, as for training."""
+    student's ``steps``, with ``round_steps`` optimizer steps per round; then, when
+    ``match_steps`` > 0, that many steps of distribution matching (training/distiller.py)
+    at Adam's ``match_lr``. The optimizer's recipe (lr, batch, EMA, seed) is a TrainConfig,
+    as for training."""
 
     teacher_steps: int = 32  # the first round's teacher: DDIM with this many calls
     steps: int = 4  # the last round's student: teacher_steps / 2**rounds calls
     round_steps: int = 1500  # optimizer steps per round
     spacing: str = "trailing"  # which timesteps each grid keeps (DISTILL_SPACINGS)
+    match_steps: int = 0  # distribution matching after the rounds (0: none)
+    match_lr: float = 5e-5
 
     def __post_init__(self):
         for name in ("teacher_steps", "steps", "round_steps"):
             if _bad_int(getattr(self, name), minimum=1):
                 raise ValueError(f"DistillConfig.{name} must be a positive integer, "
                                  f"got {getattr(self, name)!r}")
+        if _bad_int(self.match_steps, minimum=0):
+            raise ValueError(f"DistillConfig.match_steps must be an integer >= 0, got "
+                             f"{self.match_steps!r}")
+        lr = self.match_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+                or not 0 < lr <= MAX_LR:
+            raise ValueError(f"DistillConfig.match_lr must be a number in (0, {MAX_LR}], got "
+                             f"{lr!r}")
         ratio = self.teacher_steps // self.steps
         if self.teacher_steps % self.steps or ratio < 2 or ratio & (ratio - 1):
             halves, n = [], self.teacher_steps
@@ -219,11 +231,26 @@ class DistillConfig:
         """The network calls of round ``round_index``'s student (0-based)."""
         return self.teacher_steps >> (round_index + 1)
 
+    @property
+    def rounds_end(self) -> int:
+        """The step at which the last progressive round ends (matching, if any, follows)."""
+        return self.rounds * self.round_steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds_end + self.match_steps
+
+    def matching(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is one of distribution matching."""
+        return step >= self.rounds_end
+
     def train_config(self, base: TrainConfig, **recipe) -> TrainConfig:
         """The optimizer's recipe: ``base`` (the teacher's, for its schedule and data
         augmentation) with DISTILL_RECIPE, then ``recipe``, for all rounds together."""
-        return base.replace(**{**DISTILL_RECIPE, **recipe,
-                               "steps": self.rounds * self.round_steps})
+        return base.replace(**{**DISTILL_RECIPE, **recipe, "steps": self.total_steps})
+
+    def replace(self, **changes) -> DistillConfig:
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,9 +4,11 @@ Progressive distillation (Salimans & Ho 2022; training/distiller.py): the checkp
 network under DDIM at --teacher-steps calls is the first teacher; each round trains a student
 that takes half the steps, which then teaches the next round, down to --steps. Writes
 OUT/student.pt (the run, resumable; the final student when done), OUT/student-N.pt as each
-round ends, log.jsonl and a preview grid per round. Export a student like any checkpoint:
-`python export/to_onnx.py OUT/student.pt`; its model file samples with DDIM at its steps by
-default.
+round ends, log.jsonl and a preview grid per round. Then --match-steps of distribution
+matching move the last student's samples toward the data's distribution (the teacher's
+ancestral chain rather than its ODE): OUT/student-N-matched.pt, and OUT/student.pt. Export
+a student like any checkpoint: `python export/to_onnx.py OUT/student.pt`; its model file
+samples with DDIM at its steps by default.
 
 Also runs as a module: `python -m training.distill`.
 """
@@ -47,8 +49,12 @@ from training.trainer import DivergedError  # noqa: E402
 DEFAULTS = DistillConfig()
 # Options a resumed run takes from its checkpoint: giving another value is an error.
 FIXED_ON_RESUME = {"steps": "--steps", "teacher_steps": "--teacher-steps",
-                   "round_steps": "--round-steps", "lr": "--lr", "batch_size": "--batch-size",
+                   "round_steps": "--round-steps", "match_steps": "--match-steps",
+                   "match_lr": "--match-lr", "lr": "--lr", "batch_size": "--batch-size",
                    "seed": "--seed"}
+# Distribution matching after the rounds, for a teacher that is an ε-network (a student is
+# not a score of the data at every t, so its own students are not matched).
+MATCH_STEPS = 2000
 
 
 @click.command(cls=guarded_command(CheckpointError, DatasetError, DeviceError, DivergedError),
@@ -62,6 +68,12 @@ FIXED_ON_RESUME = {"steps": "--steps", "teacher_steps": "--teacher-steps",
                    "student checkpoint's own]")
 @click.option("--round-steps", type=click.IntRange(min=1), default=None,
               help=f"Optimizer steps per round. [default: {DEFAULTS.round_steps}]")
+@click.option("--match-steps", type=click.IntRange(min=0), default=None,
+              help=f"Steps of distribution matching after the last round (0: none). "
+                   f"[default: {MATCH_STEPS}; 0 from a student]")
+@click.option("--match-lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=None,
+              callback=finite_float,
+              help=f"Adam learning rate of the matching. [default: {DEFAULTS.match_lr}]")
 @click.option("--lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=None,
               callback=finite_float, help="Adam learning rate at the top of each round.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
@@ -78,8 +90,8 @@ FIXED_ON_RESUME = {"steps": "--steps", "teacher_steps": "--teacher-steps",
               help="CPU threads. [default: OMP_NUM_THREADS, else the cores no other work "
                    "keeps busy; a resumed run keeps its own count]")
 @click.option("--progress/--no-progress", default=True, help="A progress bar per round.")
-def main(checkpoint, steps, teacher_steps, round_steps, lr, batch_size, seed, data, out_dir,
-         resume, overwrite, device, threads, progress):
+def main(checkpoint, steps, teacher_steps, round_steps, match_steps, match_lr, lr, batch_size,
+         seed, data, out_dir, resume, overwrite, device, threads, progress):
     """Distil CHECKPOINT's network (its EMA weights) into a student that samples in --steps
     DDIM calls, round by round."""
     if resume and overwrite:
@@ -87,7 +99,8 @@ def main(checkpoint, steps, teacher_steps, round_steps, lr, batch_size, seed, da
     out_dir = out_dir or checkpoint.parent / "distill"
     student_path = out_dir / STUDENT_NAME
     teacher = load_checkpoint(checkpoint)
-    plan_given = {"steps": steps, "teacher_steps": teacher_steps, "round_steps": round_steps}
+    plan_given = {"steps": steps, "teacher_steps": teacher_steps, "round_steps": round_steps,
+                  "match_steps": match_steps, "match_lr": match_lr}
     recipe_given = {"lr": lr, "batch_size": batch_size, "seed": seed}
     given = {k: v for k, v in {**plan_given, **recipe_given}.items() if v is not None}
     digest = sha256_file(checkpoint)
@@ -101,6 +114,11 @@ def main(checkpoint, steps, teacher_steps, round_steps, lr, batch_size, seed, da
         train_config = plan.train_config(TrainConfig.from_dict(teacher["train_config"]),
                                          **{k: v for k, v in recipe_given.items()
                                             if v is not None})
+    if plan.match_steps and is_student(teacher):
+        raise click.BadParameter(f"{checkpoint} is a student, not a score of the data at every "
+                                 "t, which distribution matching needs; match the students of "
+                                 "an ε-network checkpoint, or give --match-steps 0",
+                                 param_hint="--match-steps")
     if resume_from is not None and resume_from["step"] >= train_config.steps:
         click.echo(f"{student_path} is finished: {plan.steps} steps, distilled from "
                    f"{plan.teacher_steps}; export it with python export/to_onnx.py "
@@ -119,9 +137,10 @@ def main(checkpoint, steps, teacher_steps, round_steps, lr, batch_size, seed, da
         run = distill(teacher, plan, train_config, dataset, out_dir, teacher_sha256=digest,
                       device=device, resume_from=resume_from, progress=progress,
                       threads=threads, report=click.echo)
-    click.echo(f"distilled {plan.teacher_steps} -> {plan.steps} steps in {plan.rounds} rounds, "
-               f"{run.elapsed_s / 60:.1f} min of training; student {student_path} (export: "
-               f"python export/to_onnx.py {student_path})")
+    matched = f" and {plan.match_steps} steps of matching" if plan.match_steps else ""
+    click.echo(f"distilled {plan.teacher_steps} -> {plan.steps} steps in {plan.rounds} rounds"
+               f"{matched}, {run.elapsed_s / 60:.1f} min of training; student {student_path} "
+               f"(export: python export/to_onnx.py {student_path})")
 
 
 def _plan(teacher: dict, path: Path, given: dict) -> DistillConfig:
@@ -136,6 +155,7 @@ def _plan(teacher: dict, path: Path, given: dict) -> DistillConfig:
             raise click.BadParameter(f"{path} is a student distilled for {own[0]} steps, its "
                                      f"only sampler; drop --teacher-steps or give {own[0]}",
                                      param_hint="--teacher-steps")
+    given.setdefault("match_steps", 0 if is_student(teacher) else MATCH_STEPS)
     T = TrainConfig.from_dict(teacher["train_config"]).num_timesteps
     teacher_steps = given.get("teacher_steps", DEFAULTS.teacher_steps)
     if teacher_steps > T:
@@ -162,6 +182,11 @@ def _resumed(ckpt: dict, path: Path, teacher_path: Path, digest: str,
                                  param_hint="CHECKPOINT")
     plan = DistillConfig.from_dict(ckpt["distill"]["config"])
     train_config = TrainConfig.from_dict(ckpt["train_config"])
+    matching = {k: given[k] for k in ("match_steps", "match_lr") if k in given}
+    if matching and ckpt["step"] <= plan.rounds_end:
+        # Matching has not begun: a run (a finished one too) may add it or change it.
+        plan = plan.replace(**matching)
+        train_config = train_config.replace(steps=plan.total_steps)
     for name, flag in FIXED_ON_RESUME.items():
         have = getattr(plan if hasattr(plan, name) else train_config, name)
         if name in given and given[name] != have:

@@ -12,6 +12,16 @@ is trained on the v error, the x_0 error weighted by 1 + SNR: at the noisiest st
 eps-network's x_0 is its input divided by sqrt(ab) ~ 0.006, so a few-step eps-student
 cannot land anywhere precisely; x_0 = sqrt(ab) x_t - sqrt(1 - ab) v stays well conditioned.
 
+Then, with ``plan.match_steps`` > 0, distribution matching (DMD, Yin et al. 2024) at the
+last round's step count: a copy of the ODE can be no better than the ODE, and this
+teacher's DDIM ODE scores lower than its ancestral chain on how clearly each digit is
+drawn. The student, sampled end to end through its n DDIM steps with gradients, is moved
+along the difference between two denoisers of its own samples noised at random t: the
+original ε-teacher (the score of the data the chain samples) and a "fake" copy of it that
+keeps learning the student's current samples (``MATCH_FAKE_UPDATES`` steps each). Where
+the two differ, the student's samples are not yet the data's; the step pulls them toward
+the teacher's answer. No data is used: the student draws from noise alone.
+
 Everything else is the trainer's (a Trainer subclass): data order, noise, Adam, clipping,
 an EMA (restarted each round: the round's student is its EMA), checkpoints through the
 same writer, log.jsonl cut back on resume, exact resume from any checkpoint.
@@ -40,7 +50,7 @@ from .checkpoint import (
 )
 from .config import DistillConfig, ModelConfig, TrainConfig
 from .data import Dataset
-from .diffusion import extract, q_sample
+from .diffusion import extract, loss_simple, q_sample
 from .distributed import DeviceError, dist_info_from_env
 from .ema import EMA
 from .preview import write_preview
@@ -49,17 +59,43 @@ from .trainer import LOG_NAME, Trainer, append_log, derive_seed, run_device, sch
 STUDENT_NAME = "student.pt"
 STUDENT_PREDICTION = "v"
 _GRID = 3  # seed-stream tag of the student's timesteps (the trainer's tags are 0-2)
+_MATCH = 4  # seed-stream tag of distribution matching's draws
+# Distribution matching's fixed recipe (tried on the digits model; README, Distillation):
+# the fake score takes this many Adam steps per student step, at this rate, so that it
+# keeps up with the student (DMD2's two time scales)...
+MATCH_FAKE_UPDATES = 3
+MATCH_FAKE_LR = 1e-4
+# ...both with Adam's first moment off, as DMD does for a moving target...
+MATCH_BETAS = (0.0, 0.99)
+# ...and the student's samples are noised at t in this share of the chain: at t ~ 0 the
+# two denoisers return their input, at t ~ T the mean image.
+MATCH_T = (0.02, 0.98)
 
 
-def round_file(steps: int) -> str:
-    """The file that keeps the student of ``steps`` network calls once its round ends."""
-    return f"student-{steps}.pt"
+def round_file(steps: int, matched: bool = False) -> str:
+    """The file that keeps the student of ``steps`` network calls once its round (or its
+    distribution matching) ends."""
+    return f"student-{steps}{'-matched' if matched else ''}.pt"
 
 
 def output_names(plan: DistillConfig) -> list[str]:
     """Every file a run of ``plan`` writes into its folder (previews aside)."""
     rounds = [round_file(plan.student_steps(r)) for r in range(plan.rounds)]
-    return [STUDENT_NAME, LOG_NAME, *rounds]
+    matched = [round_file(plan.steps, matched=True)] if plan.match_steps else []
+    return [STUDENT_NAME, LOG_NAME, *rounds, *matched]
+
+
+def predict_x0(net: nn.Module, prediction: str, x: torch.Tensor, t: torch.Tensor,
+               ab: torch.Tensor) -> torch.Tensor:
+    """The x_0 a network returning ``prediction`` implies at x (t per row, ``ab``: its
+    float64 alphas_cumprod [B]), unclipped."""
+    a, s = _rows(ab.sqrt(), x), _rows((1 - ab).sqrt(), x)
+    out = net(x, t.to(torch.float32)).float()
+    if prediction == "eps":
+        return (x - s * out) / a
+    if prediction == "v":
+        return a * x - s * out
+    return out
 
 
 def ddim_step(net: nn.Module, prediction: str, x: torch.Tensor, t: torch.Tensor,
@@ -67,17 +103,25 @@ def ddim_step(net: nn.Module, prediction: str, x: torch.Tensor, t: torch.Tensor,
     """The runtime's DDIM step (eta 0) in torch, one row per timestep: x_0 from the
     network's output, clipped, eps re-derived from it, then x at the next timestep
     (``ab_next`` 1: x_0 itself). ``ab``, ``ab_next``: float64 [B] alphas_cumprod."""
+    return ddim_move(x, predict_x0(net, prediction, x, t, ab).clamp(*clip), ab, ab_next)
+
+
+def ddim_move(x: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor,
+              ab_next: torch.Tensor) -> torch.Tensor:
+    """DDIM's deterministic move from x (at ``ab``) to ``ab_next`` given its x_0."""
     a, s = _rows(ab.sqrt(), x), _rows((1 - ab).sqrt(), x)
-    out = net(x, t.to(torch.float32)).float()
-    if prediction == "eps":
-        x0 = (x - s * out) / a
-    elif prediction == "v":
-        x0 = a * x - s * out
-    else:
-        x0 = out
-    x0 = x0.clamp(*clip)
     eps = (x - a * x0) / s
     return _rows(ab_next.sqrt(), x) * x0 + _rows((1 - ab_next).sqrt(), x) * eps
+
+
+def matching_gradient(x0: torch.Tensor, real_x0: torch.Tensor,
+                      fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's per-pixel gradient of KL(student || data) with respect to a sample x0: the
+    fake denoiser's answer minus the real one's (the difference of the two scores, up to
+    a positive factor per t), normalised per image by x0's mean distance from the real
+    answer so that every t weighs alike."""
+    scale = (x0 - real_x0).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+    return (fake_x0 - real_x0) / scale.clamp_min(1e-4)
 
 
 def v_target(x_t: torch.Tensor, x_end: torch.Tensor, ab: torch.Tensor,
@@ -116,11 +160,22 @@ class Round:
                                   self.ab[:-1]])
 
 
+def student_grid(plan: DistillConfig, alphas_cumprod: torch.Tensor):
+    """The final student's sampler: its timesteps, noisiest first, and per step the
+    alphas_cumprod it starts from and lands on (1 after the last: x_0)."""
+    t = torch.as_tensor(spaced_timesteps(alphas_cumprod.numel(), plan.steps,
+                                         plan.spacing)[::-1].copy(),
+                        device=alphas_cumprod.device)
+    ab = alphas_cumprod[t]
+    return t, ab, torch.cat([ab[1:], torch.ones(1, dtype=ab.dtype, device=ab.device)])
+
+
 class Distiller(Trainer):
     """A progressive distillation run in this process: build, optionally ``load_state``,
     then ``fit``. ``teacher``: the round-0 teacher network, returning ``teacher_prediction``;
     the student starts as a copy of it. ``train_config``: the optimizer's recipe for all
-    rounds (``plan.train_config``). ``report(line)`` gets one line per finished round."""
+    rounds (``plan.train_config``). ``report(line)`` gets one line per finished round.
+    A plan with ``match_steps`` needs an ε-network teacher: it is the matching's score."""
 
     checkpoint_name = STUDENT_NAME
 
@@ -130,9 +185,13 @@ class Distiller(Trainer):
                  teacher_train_step: int = 0, device: torch.device | str = "cpu",
                  progress: bool = True, resuming: bool = False,
                  report: Callable[[str], Any] | None = None):
-        if train_config.steps != plan.rounds * plan.round_steps:
+        if train_config.steps != plan.total_steps:
             raise ValueError(f"train_config.steps must be {plan.rounds} rounds of "
-                             f"{plan.round_steps} steps; build it with plan.train_config()")
+                             f"{plan.round_steps} steps and {plan.match_steps} of matching; "
+                             "build it with plan.train_config()")
+        if plan.match_steps and teacher_prediction != "eps":
+            raise ValueError("distribution matching needs the ε-network the students come "
+                             "from as its score, not a student; distil from it")
         if plan.teacher_steps > train_config.num_timesteps:
             raise ValueError(f"{plan.teacher_steps} teacher steps are more than the schedule's "
                              f"{train_config.num_timesteps} timesteps")
@@ -144,23 +203,42 @@ class Distiller(Trainer):
         self.teacher_prediction = teacher_prediction
         self.origin = {"teacher_sha256": teacher_sha256, "teacher_prediction": teacher_prediction,
                        "teacher_train_step": int(teacher_train_step)}
-        self.ema = EMA(self.model, train_config.ema_decay, warmup=train_config.ema_warmup,
-                       period=plan.round_steps)
+        self.ema = EMA(self.model, train_config.ema_decay, warmup=train_config.ema_warmup)
         self.round_started_s = 0.0  # training time when the current round began
         self.report = report
         self.round = Round(plan, 0, self.st.alphas_cumprod)
+        if plan.match_steps:
+            # The data's score (frozen) and the student's, learnt as the student moves.
+            self.score = copy.deepcopy(teacher).to(self.device).eval().requires_grad_(False)
+            self.fake = copy.deepcopy(teacher).to(self.device).train()
+            self.fake_optimizer = torch.optim.Adam(
+                self.fake.parameters(), lr=MATCH_FAKE_LR, betas=MATCH_BETAS,
+                fused=self.device.type in ("cpu", "cuda"))
+            self.grid = student_grid(plan, self.st.alphas_cumprod)
+        # The student's last samples and the fake score's draws, for its steps.
+        self._samples = None
 
     # === State ===
 
     def state_dict(self) -> dict[str, Any]:
         distill = {"config": self.plan.to_dict(), **self.origin,
                    "round_started_s": self.round_started_s}
+        matching = ({"fake": self.fake.state_dict(),
+                     "fake_optimizer": self.fake_optimizer.state_dict()}
+                    if self.plan.match_steps else {})
         return student_checkpoint(super().state_dict(), prediction=STUDENT_PREDICTION,
-                                  distill=distill, teacher=self.teacher.state_dict())
+                                  distill=distill, teacher=self.teacher.state_dict(),
+                                  **matching)
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
         """Continue from a student checkpoint of this plan and teacher (call before fit)."""
-        if not is_student(ckpt) or ckpt["distill"]["config"] != self.plan.to_dict():
+        if not is_student(ckpt):
+            raise ValueError("the checkpoint is not a distilled student")
+        theirs = DistillConfig.from_dict(ckpt["distill"]["config"])
+        if ckpt["step"] <= theirs.rounds_end:  # matching not begun: it may be added or changed
+            theirs = theirs.replace(match_steps=self.plan.match_steps,
+                                    match_lr=self.plan.match_lr)
+        if theirs != self.plan:
             raise ValueError("the checkpoint is not a student of this distillation plan")
         super().load_state(ckpt)
         self.teacher.load_state_dict(ckpt["teacher"])
@@ -169,26 +247,64 @@ class Distiller(Trainer):
         self.teacher_prediction = (self.origin["teacher_prediction"]
                                    if self.step <= self.plan.round_steps else STUDENT_PREDICTION)
         self.round_started_s = float(ckpt["distill"]["round_started_s"])
+        if self.plan.match_steps and "fake" in ckpt:  # absent until matching begins
+            self.fake.load_state_dict(ckpt["fake"])
+            self.fake_optimizer.load_state_dict(ckpt["fake_optimizer"])
 
     # === One step ===
 
+    def phase_start(self, step: int) -> int:
+        """The first step of the round (or of the matching) that ``step`` belongs to."""
+        plan = self.plan
+        return plan.rounds_end if plan.matching(step) else step - step % plan.round_steps
+
+    def ema_updates(self, step: int) -> int:
+        return step - self.phase_start(step)
+
     def lr_at(self, step: int) -> float:
-        """Each round warms up and decays on its own: a new student, a fresh Adam."""
+        """Each round warms up and decays on its own: a new student, a fresh Adam. The
+        matching warms up to ``plan.match_lr`` and stays there."""
+        if self.plan.matching(step):
+            warmup = max(self.config.warmup, 1)
+            return self.plan.match_lr * min(1.0, (step - self.plan.rounds_end + 1) / warmup)
         R = self.plan.round_steps
         return scheduled_lr(self.config, step % R, R)
 
     def batch(self, step: int):
         """(x_0, index into the student's grid, noise): the trainer's images and noise of
-        ``step``, and a timestep of the round's student grid from its own seed stream."""
+        ``step``, and a timestep of the round's student grid from its own seed stream.
+        Matching: :meth:`matching_batch`."""
+        if self.plan.matching(step):
+            return self.matching_batch(step)
         x0, _, noise = super().batch(step)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(derive_seed(self.config.seed, _GRID, self.info.rank, step))
         k = torch.randint(0, self.round.steps, (len(x0),), generator=gen, device=self.device)
         return x0, k, noise
 
+    def matching_batch(self, step: int):
+        """(z, t, noise, fake_t, fake_noise) of a matching step, from its own seed stream:
+        the student's x_T, the t and noise its samples are diffused with, and those of the
+        fake score's ``MATCH_FAKE_UPDATES`` steps."""
+        b, shape = self.local_batch, self.dataset.image_shape
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(derive_seed(self.config.seed, _MATCH, self.info.rank, step))
+        T = self.schedule.num_timesteps
+        lo, hi = int(MATCH_T[0] * T), max(int(MATCH_T[1] * T), int(MATCH_T[0] * T) + 1)
+
+        def draw(*lead):
+            return torch.randn((*lead, b, *shape), generator=gen, device=self.device)
+
+        z, noise = draw(), draw()
+        t = torch.randint(lo, hi, (b,), generator=gen, device=self.device)
+        fake_t = torch.randint(0, T, (MATCH_FAKE_UPDATES, b), generator=gen, device=self.device)
+        return z, t, noise, fake_t, draw(MATCH_FAKE_UPDATES)
+
     def loss(self, net: nn.Module, batch) -> torch.Tensor:
         """The student's v error against the v that spans two teacher steps (the x_0 error
-        weighted by 1 + SNR)."""
+        weighted by 1 + SNR); in matching, :meth:`matching_loss`."""
+        if len(batch) == 5:
+            return self.matching_loss(net, batch)
         x0, k, noise = batch
         rd = self.round
         m = 2 * k + 1  # the student's timestep on the teacher's grid
@@ -202,14 +318,56 @@ class Distiller(Trainer):
         v = net(x_t, rd.t[m].to(torch.float32)).float()
         return torch.mean((v - target) ** 2)
 
+    def student_x0(self, net: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """The student's sample from x_T = z under its own DDIM, differentiable through
+        every step; its last x_0 unclipped (the runtime clips it to the data range)."""
+        t, ab, ab_next = self.grid
+        x, rows = z, len(z)
+        for k in range(len(t)):
+            x0 = predict_x0(net, STUDENT_PREDICTION, x, t[k].expand(rows), ab[k].expand(rows))
+            if k == len(t) - 1:
+                return x0
+            x = ddim_move(x, x0.clamp(-1.0, 1.0), ab[k].expand(rows), ab_next[k].expand(rows))
+        raise AssertionError("a student takes at least one step")
+
+    def matching_loss(self, net: nn.Module, batch) -> torch.Tensor:
+        """A loss whose gradient on each sample is :func:`matching_gradient` (its value:
+        half that gradient's mean square). Keeps the samples for the fake score's steps."""
+        z, t, noise, fake_t, fake_noise = batch
+        x0 = self.student_x0(net, z)
+        with torch.no_grad():
+            sample = x0.clamp(-1.0, 1.0)
+            ab = self.st.alphas_cumprod[t]
+            x_t = q_sample(self.st, sample, t, noise)
+            real = predict_x0(self.score, "eps", x_t, t, ab).clamp(-1.0, 1.0)
+            fake = predict_x0(self.fake, "eps", x_t, t, ab).clamp(-1.0, 1.0)
+            grad = matching_gradient(sample, real, fake)
+        self._samples = (sample, fake_t, fake_noise)
+        return 0.5 * torch.mean((x0 - (x0 - grad).detach()) ** 2)
+
+    def train_step(self, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's step; in matching, then the fake score's steps on the samples the
+        student just drew (L_simple, as the teacher was trained)."""
+        out = super().train_step(net)
+        if self._samples is not None:
+            sample, fake_t, fake_noise = self._samples
+            self._samples = None
+            for k in range(MATCH_FAKE_UPDATES):
+                loss = loss_simple(self.fake, self.st, sample, fake_t[k], fake_noise[k])
+                self.fake_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.fake_optimizer.step()
+        return out
+
     # === Rounds ===
 
     def fit(self) -> None:
         """Distil round by round until the plan's last; each round ends with its student
         saved (``student-N.pt``), logged, previewed and reported."""
         self.prepare_fit()
-        R, rounds = self.plan.round_steps, self.plan.rounds
-        while self.step < self.config.steps:
+        plan = self.plan
+        R, rounds = plan.round_steps, plan.rounds
+        while self.step < plan.rounds_end:
             index = self.step // R
             if self.step == index * R:  # the round starts here
                 if index > 0:
@@ -220,10 +378,21 @@ class Distiller(Trainer):
             bar = self.progress_bar(R, self.step - index * R,
                                     desc=f"round {index + 1}/{rounds}: {2 * n}->{n} steps")
             self.train_until((index + 1) * R, bar)
+        if self.step < self.config.steps:  # distribution matching
+            self.round = Round(plan, rounds - 1, self.st.alphas_cumprod)
+            if self.step == plan.rounds_end:
+                self._promote()
+                for group in self.optimizer.param_groups:
+                    group["betas"] = MATCH_BETAS
+                self.round_started_s = self.elapsed_s
+            bar = self.progress_bar(plan.match_steps, self.step - plan.rounds_end,
+                                    desc=f"matching: {plan.steps} steps")
+            self.train_until(self.config.steps, bar)
 
     def _promote(self) -> None:
-        """The round's student (its EMA) becomes the next round's teacher and student;
-        Adam starts afresh (its moments were the previous student's)."""
+        """The round's student (its EMA) becomes the next round's teacher and student (or
+        the student that matching moves); Adam starts afresh (its moments were the
+        previous student's)."""
         weights = self.ema.state_dict()
         self.teacher.load_state_dict(weights)
         self.model.load_state_dict(weights)
@@ -231,27 +400,39 @@ class Distiller(Trainer):
         self.optimizer.state.clear()
 
     def log_fields(self) -> dict[str, Any]:
-        return {"round": self.round.index + 1, "student_steps": self.round.steps}
+        fields = {"round": self.round.index + 1, "student_steps": self.round.steps}
+        if self.plan.matching(self.step - 1):
+            fields["matching"] = True
+        return fields
 
     def save(self) -> Path:
         """The checkpoint; at a round's end first the round's student file and the round's
         log record (a crash between them repeats the round's end on resume)."""
-        R = self.plan.round_steps
-        if self.step % R == 0 and self.info.is_main:
+        plan = self.plan
+        R = plan.round_steps
+        round_end = self.step % R == 0 and self.step <= plan.rounds_end
+        matching_end = plan.match_steps and self.step == plan.total_steps
+        if (round_end or matching_end) and self.info.is_main:
             self.check_finite()
             n = self.round.steps
             seconds = self.elapsed_s - self.round_started_s
-            append_log(self.out_dir / LOG_NAME, {
-                "step": self.step, "round": self.round.index + 1, "round_done": True,
-                "teacher_steps": 2 * n, "student_steps": n, "round_steps": R,
-                "round_s": seconds, "steps_per_s": R / max(seconds, 1e-9),
-                "elapsed_s": self.elapsed_s})
-            path = self.out_dir / round_file(n)
+            steps = R if round_end else plan.match_steps
+            per_s = steps / max(seconds, 1e-9)
+            rate = f"{steps} steps in {seconds / 60:.1f} min ({per_s:.1f} steps/s)"
+            record = {"step": self.step, "student_steps": n, "elapsed_s": self.elapsed_s,
+                      "steps_per_s": per_s}
+            if round_end:
+                record.update(round=self.round.index + 1, round_done=True, teacher_steps=2 * n,
+                              round_steps=R, round_s=seconds)
+                line = f"round {self.round.index + 1}/{plan.rounds}: {2 * n} -> {n} DDIM steps"
+            else:
+                record.update(matching_done=True, match_steps=steps, match_s=seconds)
+                line = f"distribution matching at {n} DDIM steps"
+            append_log(self.out_dir / LOG_NAME, record)
+            path = self.out_dir / round_file(n, matched=not round_end)
             save_checkpoint(path, without_run_state(self.state_dict()))
             if self.report is not None:
-                self.report(f"round {self.round.index + 1}/{self.plan.rounds}: {2 * n} -> {n} "
-                            f"DDIM steps, {R} steps in {seconds / 60:.1f} min "
-                            f"({R / max(seconds, 1e-9):.1f} steps/s) -> {path}")
+                self.report(f"{line}, {rate} -> {path}")
         return super().save()
 
     def preview(self) -> Path | None:
@@ -259,7 +440,8 @@ class Distiller(Trainer):
         if not self.info.is_main:
             return None
         n, cfg = self.round.steps, self.config
-        return write_preview(self.out_dir / f"samples_{n:04d}steps.png", self.ema.model,
+        tag = "_matched" if self.plan.matching(self.step - 1) else ""
+        return write_preview(self.out_dir / f"samples_{n:04d}steps{tag}.png", self.ema.model,
                              self.schedule, count=cfg.preview_count, steps=n,
                              image_shape=self.dataset.image_shape, seed=cfg.seed,
                              device=self.device, sampler="ddim", spacing=self.plan.spacing,

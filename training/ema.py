@@ -12,22 +12,17 @@ class EMA:
     """ema <- decay_n * ema + (1 - decay_n) * weights after every optimizer step.
 
     With ``warmup`` the decay ramps as min(decay, (1 + n) / (10 + n)) (TensorFlow's
-    num_updates rule), so a short run's EMA is not dominated by the random init. With
-    ``period`` the ramp restarts every ``period`` updates (n counts within the period):
-    each distillation round trains a new student, whose average must not reach back into
-    the previous round.
+    num_updates rule), so a short run's EMA is not dominated by the random init. The
+    caller counts n: a distillation restarts it with each round (Trainer.ema_updates), whose
+    new student's average must not reach back into the previous round.
     """
 
-    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True,
-                 period: int | None = None):
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = True):
         self.decay = decay
         self.warmup = warmup
-        self.period = period
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, num_updates: int) -> float:
-        if self.period:
-            num_updates %= self.period
         if self.warmup:
             return min(self.decay, (1.0 + num_updates) / (10.0 + num_updates))
         return self.decay

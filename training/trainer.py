@@ -179,6 +179,10 @@ class Trainer:
         """The learning rate of ``step``: :func:`scheduled_lr` over the whole run."""
         return scheduled_lr(self.config, step, self.config.steps)
 
+    def ema_updates(self, step: int) -> int:
+        """The EMA's update count at ``step``, for its warmup: the run's steps."""
+        return step
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_0, t, noise) of this rank at ``step``: a function of (seed, rank, step) alone."""
         cfg, b = self.config, self.local_batch
@@ -230,7 +234,7 @@ class Trainer:
         with record_function("optimizer"):
             self.optimizer.step()
         with record_function("ema"):
-            self.ema.update(self.model, step)
+            self.ema.update(self.model, self.ema_updates(step))
         self.step += 1
         return loss.detach(), grad_norm.detach()
 

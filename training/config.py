@@ -244,6 +244,11 @@ class DistillConfig:
         """Whether optimizer step ``step`` (0-based) is one of distribution matching."""
         return step >= self.rounds_end
 
+    def with_matching(self, done: int, **matching) -> DistillConfig:
+        """The plan a run ``done`` steps in continues with: ``matching`` (match_steps,
+        match_lr) replace its own until its matching begins, and are ignored after."""
+        return self.replace(**matching) if done <= self.rounds_end else self
+
     def train_config(self, base: TrainConfig, **recipe) -> TrainConfig:
         """The optimizer's recipe: ``base`` (the teacher's, for its schedule and data
         augmentation) with DISTILL_RECIPE, then ``recipe``, for all rounds together."""

@@ -182,11 +182,10 @@ def _resumed(ckpt: dict, path: Path, teacher_path: Path, digest: str,
                                  param_hint="CHECKPOINT")
     plan = DistillConfig.from_dict(ckpt["distill"]["config"])
     train_config = TrainConfig.from_dict(ckpt["train_config"])
-    matching = {k: given[k] for k in ("match_steps", "match_lr") if k in given}
-    if matching and ckpt["step"] <= plan.rounds_end:
-        # Matching has not begun: a run (a finished one too) may add it or change it.
-        plan = plan.replace(**matching)
-        train_config = train_config.replace(steps=plan.total_steps)
+    # Until matching begins, a run (a finished one too) may add it or change it.
+    plan = plan.with_matching(ckpt["step"], **{k: given[k] for k in ("match_steps", "match_lr")
+                                               if k in given})
+    train_config = train_config.replace(steps=plan.total_steps)
     for name, flag in FIXED_ON_RESUME.items():
         have = getattr(plan if hasattr(plan, name) else train_config, name)
         if name in given and given[name] != have:

@@ -234,10 +234,8 @@ class Distiller(Trainer):
         """Continue from a student checkpoint of this plan and teacher (call before fit)."""
         if not is_student(ckpt):
             raise ValueError("the checkpoint is not a distilled student")
-        theirs = DistillConfig.from_dict(ckpt["distill"]["config"])
-        if ckpt["step"] <= theirs.rounds_end:  # matching not begun: it may be added or changed
-            theirs = theirs.replace(match_steps=self.plan.match_steps,
-                                    match_lr=self.plan.match_lr)
+        theirs = DistillConfig.from_dict(ckpt["distill"]["config"]).with_matching(
+            ckpt["step"], match_steps=self.plan.match_steps, match_lr=self.plan.match_lr)
         if theirs != self.plan:
             raise ValueError("the checkpoint is not a student of this distillation plan")
         super().load_state(ckpt)
@@ -264,11 +262,10 @@ class Distiller(Trainer):
     def lr_at(self, step: int) -> float:
         """Each round warms up and decays on its own: a new student, a fresh Adam. The
         matching warms up to ``plan.match_lr`` and stays there."""
+        k = step - self.phase_start(step)
         if self.plan.matching(step):
-            warmup = max(self.config.warmup, 1)
-            return self.plan.match_lr * min(1.0, (step - self.plan.rounds_end + 1) / warmup)
-        R = self.plan.round_steps
-        return scheduled_lr(self.config, step % R, R)
+            return self.plan.match_lr * min(1.0, (k + 1) / max(self.config.warmup, 1))
+        return scheduled_lr(self.config, k, self.plan.round_steps)
 
     def batch(self, step: int):
         """(x_0, index into the student's grid, noise): the trainer's images and noise of
@@ -303,7 +300,7 @@ class Distiller(Trainer):
     def loss(self, net: nn.Module, batch) -> torch.Tensor:
         """The student's v error against the v that spans two teacher steps (the x_0 error
         weighted by 1 + SNR); in matching, :meth:`matching_loss`."""
-        if len(batch) == 5:
+        if self.plan.matching(self.step):  # the step being taken
             return self.matching_loss(net, batch)
         x0, k, noise = batch
         rd = self.round

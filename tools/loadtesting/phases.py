@@ -112,6 +112,7 @@ def saturate(server: ServerProcess, clients: int, requests: list, seed: int) -> 
     # request list's tail, not the scheduler.
     steady_at, at_steady = steady[0] if steady else (start + elapsed, after)
     steady_s = max(steady_at - start, 1e-9)
+    steady_rows = int(at_steady["ddpm_rows_total"] - before["ddpm_rows_total"])
     return {"seconds": elapsed, "requests": len(ok), "requests_per_s": len(ok) / elapsed,
             "images_per_s": sum(r["n"] for r in ok) / elapsed,
             "image_steps_per_s": sum(r["work"] for r in ok) / elapsed,
@@ -121,9 +122,8 @@ def saturate(server: ServerProcess, clients: int, requests: list, seed: int) -> 
             "rows": int(after["ddpm_rows_total"] - before["ddpm_rows_total"]),
             "errors": sum(r["outcome"] in ("error", "lost") for r in records),
             "batch_fill": _fill(before, after), "busy": _busy(before, after, elapsed),
-            "steady_seconds": steady_s,
-            "steady_rows_per_s": (at_steady["ddpm_rows_total"] - before["ddpm_rows_total"])
-            / steady_s,
+            "steady_seconds": steady_s, "steady_rows": steady_rows,
+            "steady_rows_per_s": steady_rows / steady_s,
             "steady_fill": _fill(before, at_steady),
             "steady_busy": _busy(before, at_steady, steady_s)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,8 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
         # (Counted in rows: rate times seconds can round past the count it came from.)
         assert 0 < sat["steady_rows"] <= sat["rows"]
         assert sat["steady_rows_per_s"] == pytest.approx(sat["steady_rows"] / sat["steady_seconds"])
+        if sys.platform.startswith("linux"):  # process_* series: the server's CPU, in cores
+            assert 0 < sat["steady_cores"] <= (os.cpu_count() or 1) + 0.5
         load = run_["load"]
         assert load["exit_code"] == 0 and load["server_agrees"]
         # Every request ended one known way; the server counted the same successes (but

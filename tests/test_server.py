@@ -87,6 +87,10 @@ def test_health_model_and_metrics(server, local):
     for name in ("ddpm_queue_requests", "ddpm_images_in_flight", "ddpm_batch_fill",
                  "ddpm_network_seconds_total", "ddpm_requests_total{outcome=done}"):
         assert name in metrics
+    # The process's own series (Linux): CPU spent and memory held, both positive.
+    if sys.platform.startswith("linux"):
+        assert metrics["process_cpu_seconds_total"] > 0
+        assert metrics["process_resident_memory_bytes"] > 2**20
 
 
 REQUESTS = [{"n": 3, "seed": 5, "sampler": "ddim", "steps": 7, "format": "png"},

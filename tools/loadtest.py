@@ -114,7 +114,8 @@ def main(model, saturation, duration, load, rate, modes, clients, cancel, drain,
             click.echo(f"[{rep}] {mode} saturation: {sat[mode]['images_per_s']:.1f} images/s, "
                        f"fill {sat[mode]['batch_fill']:.2f}; until the drain "
                        f"{sat[mode]['steady_rows_per_s']:.0f} rows/s, fill "
-                       f"{sat[mode]['steady_fill']:.2f}, busy {sat[mode]['steady_busy']:.2f}",
+                       f"{sat[mode]['steady_fill']:.2f}, busy {sat[mode]['steady_busy']:.2f}, "
+                       f"server on {sat[mode]['steady_cores']:.2f} cores",
                        err=True)
             # The same requests through the scheduler in this process, no HTTP: what the
             # served rate loses to the server's HTTP side (and to clients on this machine).

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -311,6 +311,9 @@ def create_app(scheduler: BatchScheduler, model_info: dict, *,
     shutdown (after the server's grace period for in-flight requests). A request body must
     arrive within ``body_timeout`` seconds."""
     registry = CollectorRegistry()
+    # The standard process_* series (CPU seconds, resident memory, open files): what an
+    # operator watches for leaks, and how a load test sees the cores the server used.
+    ProcessCollector(registry=registry)
     invalid = {"count": 0}
     registry.register(SchedulerCollector(scheduler, invalid))
     latency = Histogram("ddpm_request_seconds", "time from submit to result, by sampler",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import queue
 import random
 import socket
@@ -125,7 +126,11 @@ def saturate(server: ServerProcess, clients: int, requests: list, seed: int) -> 
             "steady_seconds": steady_s, "steady_rows": steady_rows,
             "steady_rows_per_s": steady_rows / steady_s,
             "steady_fill": _fill(before, at_steady),
-            "steady_busy": _busy(before, at_steady, steady_s)}
+            "steady_busy": _busy(before, at_steady, steady_s),
+            # Cores the server process kept busy: below the cores its threads could use,
+            # the rest of the window went to waiting (the tick's serial part), not to work.
+            "steady_cores": (at_steady.get("process_cpu_seconds_total", math.nan)
+                             - before.get("process_cpu_seconds_total", math.nan)) / steady_s}
 
 
 def open_loop(server: ServerProcess, rate: float, seconds: float, scale: float, seed: int,

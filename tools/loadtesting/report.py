@@ -56,7 +56,8 @@ def markdown(report: dict) -> str:
               "second at saturation, until the first client finds no request left (then "
               "the last requests drain alone), / rows per second of the network alone at "
               "full batch (target >= 0.9); loadtest.json also has it over the whole phase "
-              "(efficiency_with_drain); scheduler alone = the same over the same requests "
+              "(efficiency_with_drain) and the cores the server process used over the same "
+              "window (steady_cores); scheduler alone = the same over the same requests "
               "through the batch scheduler in one process, without HTTP or clients."]
     return "\n".join(lines) + "\n"
 
@@ -92,6 +93,7 @@ def summarize(runs: list[dict], modes) -> dict:
                 [r["saturation"]["steady_rows_per_s"] for r in mine])),
             "steady_fill": float(np.median([r["saturation"]["steady_fill"] for r in mine])),
             "steady_busy": float(np.median([r["saturation"]["steady_busy"] for r in mine])),
+            "steady_cores": float(np.median([r["saturation"]["steady_cores"] for r in mine])),
             "scheduler_alone_rows_per_s": float(np.median(
                 [r["saturation"]["scheduler_alone_rows_per_s"] for r in mine])),
         }

@@ -23,7 +23,7 @@ from .cli import (
     _write_images,
     main,
 )
-from .edits import EDITS, images_from_uint8, mask_from_array
+from .edits import EDITS
 from .images import to_uint8
 from .options import SEED, click_options, flag
 from .schedule import SPACINGS
@@ -52,14 +52,10 @@ def _request(fn):
 
 
 def _read(path: Path, pipe, name: str, *, mask: bool = False) -> np.ndarray:
-    """The file's images, checked here so that every message names the file."""
+    """The file's images as read (its format checked; their values by ``make_edit``)."""
     from .images import read_image_file
 
-    images = read_image_file(path, pipe.image_shape, name, mask=mask)
-    if not mask:
-        images_from_uint8(images, pipe.image_shape, pipe.record.data_range,
-                          name=f"{name} {path}")
-    return images
+    return read_image_file(path, pipe.image_shape, name, mask=mask)
 
 
 def _edit(kind: str, model, image, mask, n, seed, batch_size, out, npz, each, progress,
@@ -71,12 +67,11 @@ def _edit(kind: str, model, image, mask, n, seed, batch_size, out, npz, each, pr
     with load(model, backend=backend, device=device, threads=threads) as pipe:
         pixels = _read(image, pipe, "image")
         keep = None if mask is None else _read(mask, pipe, "mask", mask=True)
-        if keep is not None:  # checked here too, so the message names the file
-            mask_from_array(keep, pipe.image_shape, name=f"mask {mask}")
         if keep is not None and len(keep) == 1:
             keep = keep[0]
         options = _options(sampling, pipe.record.defaults)
-        edit = pipe.make_edit(kind, pixels, mask=keep, n=n, options=params)
+        edit = pipe.make_edit(kind, pixels, mask=keep, n=n, options=params,
+                              names=(f"image {image}", f"mask {mask}"))
         each_png = _check_outputs(out, npz, each, edit.n, inputs=inputs)
         start = time.perf_counter()
         images = to_uint8(pipe.run_edit(edit, seed, batch_size=batch_size, progress=progress,

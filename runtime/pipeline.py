@@ -157,15 +157,17 @@ class Pipeline:
                                previews=previews)
 
     def make_edit(self, kind: str, images, *, mask=None, n: int | None = None,
-                  options: dict | None = None) -> Edit:
+                  options: dict | None = None, names: tuple[str, str] = ("image", "mask")
+                  ) -> Edit:
         """The checked :class:`~runtime.edits.Edit` (images as uint8 pixels, see
-        :meth:`edit_float`); ``options`` may hold sampling options too (left alone here)."""
+        :meth:`edit_float`); ``options`` may hold sampling options too (left alone here).
+        ``names``: what errors call the images and the mask (a CLI names their files)."""
         cls = edit_class(kind)
         if n is not None:  # before one image is repeated n times
             self._check_request(n, 0, BYTES_PER_VALUE_FLOAT)
         pixels = broadcast_images(images_from_uint8(images, self.image_shape,
-                                                    self.record.data_range), n)
-        keep = None if mask is None else mask_from_array(mask, self.image_shape)
+                                                    self.record.data_range, name=names[0]), n)
+        keep = None if mask is None else mask_from_array(mask, self.image_shape, name=names[1])
         own = {o.name for o in cls.options}
         return cls(pixels, mask=keep, **{k: v for k, v in (options or {}).items() if k in own})
 

@@ -30,28 +30,13 @@ from typing import TYPE_CHECKING  # noqa: E402
 import click  # noqa: E402
 
 from runtime.util.fileio import OutputError, atomic_output, check_output  # noqa: E402
+from tools.loadtesting.report import cpu_name  # noqa: E402
 from training.config import PRESETS, ModelConfig, preset  # noqa: E402
 
 if TYPE_CHECKING:
     from training.trainer import Trainer
 
 PHASES = ("data", "forward", "backward", "clip", "optimizer", "ema")
-
-
-def cpu_description() -> str:
-    """The CPU's model name and its widest vector extension, e.g. 'AMD EPYC (avx512f)'."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
-    widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
-    return f"{name} ({widest})"
 
 
 def run_steps(trainer: Trainer, threads: int, steps: int) -> float:
@@ -124,7 +109,7 @@ def main(preset_name, data, threads_text, steps, rounds, variants, profile, out)
                 rates[name, n].append(steps / run_steps(trainer, n, steps))
         phases = {c: profile_phases(trainer, c[1], steps) for c, trainer in trainers.items()} \
             if profile else {}
-    result = {"cpu": cpu_description(), "preset": preset_name, "steps_per_round": steps,
+    result = {"cpu": cpu_name(), "preset": preset_name, "steps_per_round": steps,
               "rounds": rounds, "batch_size": train_config.batch_size, "threads": {},
               "variants": {}}
     click.echo(f"{result['cpu']}, preset {preset_name}, batch {train_config.batch_size}, "

@@ -50,7 +50,8 @@ def test_loadtest_smoke_run_writes_a_report(tiny_onnx, tmp_path):
         assert 0 < sat["steady_rows"] <= sat["rows"]
         assert sat["steady_rows_per_s"] == pytest.approx(sat["steady_rows"] / sat["steady_seconds"])
         if sys.platform.startswith("linux"):  # process_* series: the server's CPU, in cores
-            assert 0 < sat["steady_cores"] <= (os.cpu_count() or 1) + 0.5
+            # (at least 0: a window of a few clock ticks may show none)
+            assert 0 <= sat["steady_cores"] <= (os.cpu_count() or 1) + 0.5
         load = run_["load"]
         assert load["exit_code"] == 0 and load["server_agrees"]
         # Every request ended one known way; the server counted the same successes (but

@@ -123,8 +123,7 @@ class TrainConfig:
                              f"got {self.seed}")
         for name in ("lr", "grad_clip", "ema_decay", "beta_start", "beta_end"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
+            if _bad_number(value):
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
         if not 0 < self.lr <= MAX_LR:
             raise ValueError(f"TrainConfig.lr must lie in (0, {MAX_LR}], got {self.lr}")
@@ -204,8 +203,7 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.match_steps must be an integer >= 0, got "
                              f"{self.match_steps!r}")
         lr = self.match_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
-                or not 0 < lr <= MAX_LR:
+        if _bad_number(lr) or not 0 < lr <= MAX_LR:
             raise ValueError(f"DistillConfig.match_lr must be a number in (0, {MAX_LR}], got "
                              f"{lr!r}")
         ratio = self.teacher_steps // self.steps
@@ -273,6 +271,12 @@ DISTILL_RECIPE = {"lr": 3e-4, "warmup": 50, "lr_decay": "cosine", "batch_size": 
 
 def _bad_int(value, *, minimum: int) -> bool:
     return isinstance(value, bool) or not isinstance(value, int) or value < minimum
+
+
+def _bad_number(value) -> bool:
+    """Not a finite int or float (a bool is not a number here)."""
+    return isinstance(value, bool) or not isinstance(value, (int, float)) \
+        or not math.isfinite(value)
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:

@@ -215,6 +215,8 @@ class Distiller(Trainer):
                 self.fake.parameters(), lr=MATCH_FAKE_LR, betas=MATCH_BETAS,
                 fused=self.device.type in ("cpu", "cuda"))
             self.grid = student_grid(plan, self.st.alphas_cumprod)
+            # The rounds' warmup, then match_lr held (no decay): the trainer's one rule.
+            self.match_recipe = self.config.replace(lr=plan.match_lr, lr_decay="none")
         # The student's last samples and the fake score's draws, for its steps.
         self._samples = None
 
@@ -264,7 +266,7 @@ class Distiller(Trainer):
         matching warms up to ``plan.match_lr`` and stays there."""
         k = step - self.phase_start(step)
         if self.plan.matching(step):
-            return self.plan.match_lr * min(1.0, (k + 1) / max(self.config.warmup, 1))
+            return scheduled_lr(self.match_recipe, k, self.plan.match_steps)
         return scheduled_lr(self.config, k, self.plan.round_steps)
 
     def batch(self, step: int):
